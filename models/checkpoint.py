@@ -1,0 +1,121 @@
+"""Checkpoint loading: file formats, wrappers and strict key checking. Layout conversion (official repos,
+timm) lives with each family and is registered through `register_checkpoint_converter`."""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ._registry import checkpoint_converter
+from .errors import EdgeportError
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
+
+
+def read_state_dict(path_or_state_dict) -> dict[str, torch.Tensor]:
+    """A flat name → tensor dict from a .pth/.pt/.bin/.safetensors file or an (optionally wrapped) dict."""
+    sd = path_or_state_dict
+    if isinstance(sd, (str, os.PathLike)):
+        sd = _read_file(os.fspath(sd))
+    for _ in range(3):  # {"model": {...}}, {"state_dict": {"model": ...}} and similar nestings
+        key = next((k for k in _WRAPPER_KEYS if isinstance(sd, Mapping) and isinstance(sd.get(k), Mapping)), None)
+        if key is None:
+            break
+        sd = sd[key]
+    if not isinstance(sd, Mapping) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise EdgeportError("checkpoint holds no state_dict of tensors (expected a dict, optionally under "
+                            "'state_dict' or 'model')")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _read_file(path: str):
+    if not os.path.isfile(path):
+        raise EdgeportError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise EdgeportError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise EdgeportError(f"{path}: refused by torch.load(weights_only=True) ({first}); re-save it as a plain "
+                            "state_dict or .safetensors") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EdgeportError(f"{path}: not a PyTorch checkpoint ({first})") from None
+
+
+def _fit_pointwise(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """fc-shaped [out, in] ⇄ conv-shaped [out, in, 1, 1] weights, and [C] ⇄ [C, 1, 1] layer scales."""
+    if value.shape != target.shape and value.numel() == target.numel():
+        squeeze = [d for d in value.shape if d != 1]
+        if squeeze == [d for d in target.shape if d != 1]:
+            return value.reshape(target.shape)
+    return value
+
+
+def _describe(keys, shapes, n=4):
+    items = [f"{k} {tuple(shapes[k])}" if k in shapes else k for k in keys[:n]]
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(items) + more
+
+
+def convert_state_dict(state_dict: Mapping, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map any supported layout of `model`'s family to our key names and weight shapes."""
+    family = getattr(model, "default_cfg", {}).get("family", "")
+    convert = checkpoint_converter(family)
+    sd = convert(dict(state_dict), model) if convert else dict(state_dict)
+    own = model.state_dict()
+    return {k: _fit_pointwise(v, own[k]) if k in own else v for k, v in sd.items()}
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -> dict:
+    """Load weights in any supported layout. Returns a report {missing, unexpected, mismatched}.
+
+    strict=True raises EdgeportError naming the first offending keys and their shapes; strict=False loads
+    what fits and returns the report. Head weights are ignored for features_only models.
+    """
+    sd = convert_state_dict(read_state_dict(path_or_state_dict), model)
+    own = model.state_dict()
+    if getattr(model, "features_only", False):
+        sd = {k: v for k, v in sd.items() if k in own or not k.startswith(("head", "classifier", "fc."))}
+    mismatched = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in own]
+    report = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if mismatched:
+            parts.append("mis-shaped: " + ", ".join(
+                f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:3]))
+        if missing:
+            parts.append("missing: " + _describe(missing, own))
+        if unexpected:
+            parts.append("unexpected: " + _describe(unexpected, sd))
+        name = getattr(model, "model_name", type(model).__name__)
+        raise EdgeportError(f"checkpoint does not fit {name}: " + "; ".join(parts)
+                            + " (wrong model name, or pass strict=False to load what fits)")
+    loadable = {k: v for k, v in sd.items() if k in own and k not in mismatched}
+    model.load_state_dict(loadable, strict=False)
+    return report
+
+
+def save_checkpoint(model: nn.Module, path: str) -> None:
+    """Write our own layout (.safetensors or torch.save), atomically."""
+    tmp = f"{path}.tmp"
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(sd, tmp)
+    else:
+        torch.save(sd, tmp)
+    os.replace(tmp, path)
