@@ -8,7 +8,7 @@ WEIGHTS ?=
 OUT     ?= artifacts
 EXPORT_ARGS ?=
 PYTEST_ARGS ?=
-SMALL_MODELS := fasternet_t0 convnext_atto inceptionnext_atto efficientnetv2_s
+SMALL_MODELS := fasternet_t0 convnext_atto inception_next_atto efficientnetv2_s
 
 .PHONY: setup test test-slow lint export export-all parity bench bench-full arm-setup arm arm-cost clean
 

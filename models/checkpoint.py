@@ -63,7 +63,7 @@ def _fit_pointwise(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _describe(keys, shapes, n=4):
-    items = [f"{k} {tuple(shapes[k])}" if k in shapes else k for k in keys[:n]]
+    items = [f"{k} {tuple(shapes[k].shape)}" if k in shapes else k for k in keys[:n]]
     more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
     return ", ".join(items) + more
 
