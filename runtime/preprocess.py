@@ -7,6 +7,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from .images import to_rgb
+
 INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -37,7 +39,8 @@ def normalize(img: Image.Image, mean, std) -> np.ndarray:
 
 
 def preprocess(img: Image.Image, meta: dict) -> np.ndarray:
-    """An RGB PIL image → (1, 3, H, W) float32 per the metadata's input_shape, mean, std, crop_pct, interpolation."""
+    """A PIL image (any mode; see images.to_rgb) → (1, 3, H, W) float32 per the metadata's input_shape,
+    mean, std, crop_pct and interpolation."""
     h, w = meta["input_shape"][-2:]
-    img = resize_crop(img.convert("RGB"), (h, w), meta["crop_pct"], meta["interpolation"])
+    img = resize_crop(to_rgb(img), (h, w), meta["crop_pct"], meta["interpolation"])
     return normalize(img, meta["mean"], meta["std"])[None]

@@ -1,0 +1,128 @@
+"""The two inference engines behind Predictor, each a thin adapter: load a file, report names and metadata,
+run a dict of float32 arrays. MNN and onnxruntime are imported only when a model of that kind is loaded."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+
+import numpy as np
+
+from .errors import EdgeRuntimeError
+
+METADATA_KEY = "edgeport"  # ONNX metadata_props key; the MNN file carries the same JSON as its bizCode
+MNN_PRECISION = {"fp32": "normal", "low": "low"}
+
+
+@contextlib.contextmanager
+def stdout_silenced():
+    """Send file descriptor 1 to /dev/null: MNN's C code prints banners and load errors straight to stdout."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout at all: nothing to protect
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None).fflush(None)  # drain C stdio buffers while they still point at /dev/null
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_mnn():
+    """`import MNN` without its "The device supports: ..." line on stdout."""
+    if "MNN" in sys.modules:
+        return sys.modules["MNN"]
+    try:
+        with stdout_silenced():
+            import MNN
+    except ImportError as e:
+        raise EdgeRuntimeError(f"MNN is not installed ({e}); pip install '.[runtime]'") from None
+    return MNN
+
+
+class MnnEngine:
+    """MNN Module API. Module.forward is not documented as thread-safe, so calls are serialised by a lock."""
+
+    backend = "mnn"
+
+    def __init__(self, path: str, threads: int, precision: str):
+        MNN = import_mnn()
+        self._F = MNN.expr
+        config = {"backend": "CPU", "numThread": threads, "precision": MNN_PRECISION[precision]}
+        runtime_manager = MNN.nn.create_runtime_manager((config,))
+        try:
+            with stdout_silenced():
+                self._module = MNN.nn.load_module_from_file(path, [], [], runtime_manager=runtime_manager)
+        except (SystemError, RuntimeError):
+            raise EdgeRuntimeError(
+                f"{path}: not a valid MNN model (truncated, or another format); re-export it") from None
+        info = self._module.get_info()
+        self.input_names = list(info["inputNames"])
+        self.output_names = list(info["outputNames"])
+        self.input_shapes = {name: None for name in self.input_names}  # MNN does not report them
+        self.metadata_text = info.get("bizCode") or ""
+        self._lock = threading.Lock()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        F = self._F
+        inputs = [F.const(feeds[name], list(feeds[name].shape), F.NCHW) for name in self.input_names]
+        with self._lock:
+            outputs = self._module.forward(inputs)
+            if not isinstance(outputs, (list, tuple)):
+                outputs = [outputs]
+            arrays = []
+            for out in outputs:
+                if out.data_format == F.NC4HW4:
+                    out = F.convert(out, F.NCHW)
+                arrays.append(np.array(out.read(), copy=True))  # read() may alias MNN's buffers
+        return dict(zip(self.output_names, arrays))
+
+
+class OrtEngine:
+    """onnxruntime CPU session; InferenceSession.run is thread-safe, so no lock."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str, threads: int, precision: str):
+        if precision != "fp32":
+            raise EdgeRuntimeError(
+                f"precision {precision!r} is an MNN option; onnxruntime runs the file as exported (use fp32)")
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise EdgeRuntimeError(f"onnxruntime is not installed ({e}); pip install '.[runtime]'") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: keep optimiser notices off the console
+        try:
+            self._session = ort.InferenceSession(
+                path, sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's pybind exceptions share no useful base class
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise EdgeRuntimeError(f"{path}: not a loadable ONNX model ({reason}); re-export it") from None
+        inputs = self._session.get_inputs()
+        self.input_names = [i.name for i in inputs]
+        self.input_shapes = {i.name: [d if isinstance(d, int) else -1 for d in i.shape] for i in inputs}
+        self.output_names = [o.name for o in self._session.get_outputs()]
+        self.metadata_text = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            outputs = self._session.run(self.output_names, feeds)
+        except Exception as e:  # inputs were validated: a model fault, or a shape we could not check
+            raise EdgeRuntimeError(f"onnxruntime failed: {str(e).splitlines()[0]}") from None
+        return dict(zip(self.output_names, outputs))
+
+
+ENGINES = {"mnn": MnnEngine, "onnxruntime": OrtEngine}
+EXTENSIONS = {".mnn": "mnn", ".onnx": "onnxruntime"}

@@ -1,0 +1,154 @@
+"""Classify images (or print feature shapes) with an edgeport .mnn / .onnx artifact, torch-free.
+
+Examples:
+  python -m runtime.infer model.mnn cat.jpg
+  python -m runtime.infer model.mnn photos/ --topk 3 --labels imagenet_labels.txt --threads 4
+  python -m runtime.infer model.onnx cat.jpg --json
+  python -m runtime.infer model.mnn cat.jpg --bench 200 --precision low
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .errors import EdgeRuntimeError
+from .predictor import Predictor, load
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m runtime.infer", description=__doc__.split("\n\n")[0],
+        epilog="\n".join(__doc__.splitlines()[2:]) + "\n\nExit status: 0 ok, 2 on any error (one line each).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="artifact: .mnn (MNN) or .onnx (onnxruntime); preprocessing comes from "
+                                 "its embedded metadata")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files, or directories (their image files, sorted, not recursive)")
+    p.add_argument("--topk", type=int, default=5, help="classes to print per image (default: 5)")
+    p.add_argument("--labels", metavar="FILE", help="text file: one class name a line, in class-index order")
+    p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads (default: 1)")
+    p.add_argument("--precision", choices=("fp32", "low"), default="fp32",
+                   help="MNN arithmetic: fp32, or low = fp16/bf16 where the CPU supports it (ARMv8.2+)")
+    p.add_argument("--backend", choices=("auto", "mnn", "onnxruntime"), default="auto",
+                   help="engine (default: from the file extension)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument("--bench", type=int, default=0, metavar="N",
+                   help="also time N inferences on the first image: load time, latency median / p90")
+    return p.parse_args(argv)
+
+
+def read_labels(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            labels = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeRuntimeError(f"{path}: cannot read labels ({e})") from None
+    while labels and not labels[-1]:
+        labels.pop()
+    return labels
+
+
+def expand_images(args: list[str]) -> list[str]:
+    """Directories → their image files (sorted); files, even missing ones, are kept to get their own error."""
+    paths = []
+    for arg in args:
+        if os.path.isdir(arg):
+            found = sorted(os.path.join(arg, n) for n in os.listdir(arg)
+                           if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+            if not found:
+                kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+                raise EdgeRuntimeError(f"{arg}: directory has no image files ({kinds})")
+            paths.extend(found)
+        else:
+            paths.append(arg)
+    return paths
+
+
+def infer_one(predictor: Predictor, path: str, topk: int, labels) -> dict:
+    if predictor.meta.get("task", "classification") == "classification":
+        (top,) = predictor.classify(path, topk=topk, labels=labels)
+        keys = ("index", "prob", "label")
+        return {"image": path, "topk": [dict(zip(keys, t)) for t in top]}
+    outputs = predictor.run(predictor.preprocess(path))
+    return {"image": path, "outputs": {name: list(y.shape) for name, y in outputs.items()}}
+
+
+def format_result(result: dict) -> str:
+    if "outputs" in result:
+        return result["image"] + ": " + "  ".join(f"{n} {s}" for n, s in result["outputs"].items())
+    lines = [result["image"]]
+    for t in result["topk"]:
+        lines.append(f"  {t['prob']:.4f}  {t['index']:>5d}  {t.get('label', '')}".rstrip())
+    return "\n".join(lines)
+
+
+def bench(predictor: Predictor, path: str, runs: int) -> dict:
+    t = time.perf_counter()
+    x = predictor.preprocess(path)
+    preprocess_ms = (time.perf_counter() - t) * 1e3
+    for _ in range(min(3, runs)):  # warm-up: first calls allocate and pack weights
+        predictor.run(x)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        predictor.run(x)
+        times.append((time.perf_counter() - t) * 1e3)
+    return {"runs": runs, "preprocess_ms": preprocess_ms, "median_ms": float(np.median(times)),
+            "p90_ms": float(np.percentile(times, 90))}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.topk < 1 or args.bench < 0:
+            raise EdgeRuntimeError("--topk must be >= 1 and --bench >= 0")
+        t = time.perf_counter()
+        predictor = load(args.model, backend=args.backend, threads=args.threads, precision=args.precision)
+        load_ms = (time.perf_counter() - t) * 1e3
+        predictor.require_metadata()
+        labels = read_labels(args.labels) if args.labels else None
+        n_classes = predictor.meta.get("num_classes")
+        if labels is not None and n_classes and len(labels) != n_classes:
+            raise EdgeRuntimeError(f"{args.labels}: {len(labels)} labels; the model has {n_classes} classes")
+        paths = expand_images(args.images)
+    except EdgeRuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    results, failed = [], 0
+    for path in paths:
+        try:
+            result = infer_one(predictor, path, args.topk, labels)
+        except EdgeRuntimeError as e:
+            result, failed = {"image": path, "error": str(e)}, failed + 1
+            print(f"error: {e}", file=sys.stderr)
+        results.append(result)
+        if not args.json and "error" not in result:
+            print(format_result(result), flush=True)
+
+    timing = None
+    ok = [r["image"] for r in results if "error" not in r]
+    if args.bench and ok:
+        timing = {"load_ms": load_ms, **bench(predictor, ok[0], args.bench)}
+        if not args.json:
+            print(f"bench ({predictor.backend}, threads={args.threads}, precision={args.precision}): "
+                  f"load {timing['load_ms']:.1f} ms, preprocess {timing['preprocess_ms']:.1f} ms, "
+                  f"inference median {timing['median_ms']:.2f} ms, p90 {timing['p90_ms']:.2f} ms "
+                  f"over {args.bench} runs")
+    if args.json:
+        doc = {"model": args.model, "backend": predictor.backend, "meta": predictor.meta, "results": results}
+        if timing:
+            doc["bench"] = timing
+        print(json.dumps(doc, indent=2))
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

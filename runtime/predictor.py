@@ -1,0 +1,166 @@
+"""`load(path)` → Predictor: run arrays, preprocess and classify images per the artifact's own metadata."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+from .engines import ENGINES, EXTENSIONS
+from .errors import EdgeRuntimeError
+from .images import load_image
+from .preprocess import INTERPOLATIONS
+from .preprocess import preprocess as preprocess_image
+
+PREPROCESS_KEYS = ("input_shape", "mean", "std", "crop_pct", "interpolation")
+BACKEND_ALIASES = {"mnn": "mnn", "onnxruntime": "onnxruntime", "ort": "onnxruntime", "onnx": "onnxruntime"}
+
+ImageLike = Union[str, os.PathLike, Image.Image]
+
+
+def parse_metadata(text: str) -> dict:
+    """The artifact metadata JSON, or {} for files not exported by edgeport (MNN's default: "MNNTest")."""
+    try:
+        meta = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def load(path: str | os.PathLike, backend: str = "auto", threads: int = 1,
+         precision: str = "fp32") -> Predictor:
+    """Load a .mnn (MNN Module API) or .onnx (onnxruntime, CPU) model.
+
+    threads: intra-op threads (MNN numThread). precision: "fp32", or "low" to let MNN use fp16/bf16 arithmetic
+    where the CPU has it (ARMv8.2+; identical to fp32 on x86)."""
+    path = os.fspath(path)
+    if backend == "auto":
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in EXTENSIONS:
+            raise EdgeRuntimeError(
+                f"{path}: unknown model type {ext!r}; expected .mnn or .onnx (or name the backend)")
+        backend = EXTENSIONS[ext]
+    if backend not in BACKEND_ALIASES:
+        raise EdgeRuntimeError(f"unknown backend {backend!r}; choose auto, mnn or onnxruntime")
+    if precision not in ("fp32", "low"):
+        raise EdgeRuntimeError(f"unknown precision {precision!r}; choose fp32 or low")
+    if not isinstance(threads, int) or threads < 1:
+        raise EdgeRuntimeError(f"threads must be a positive integer, got {threads!r}")
+    if not os.path.isfile(path):
+        raise EdgeRuntimeError(f"{path}: no such model file")
+    engine = ENGINES[BACKEND_ALIASES[backend]](path, threads, precision)
+    return Predictor(engine, path)
+
+
+def _format_shape(shape) -> str:
+    """[-1, 3, 224, 224] → "[N, 3, 224, 224]"; other unknown dims show as "?"."""
+    dims = ("N" if i == 0 and d < 0 else "?" if d < 0 else str(d) for i, d in enumerate(shape))
+    return "[" + ", ".join(dims) + "]"
+
+
+def softmax_topk(logits: np.ndarray, topk: int, labels: Sequence[str] | None = None) -> list[tuple]:
+    """One image's logits → [(class_index, probability[, label]), ...], most probable first."""
+    z = logits.astype(np.float64).ravel()
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")[: max(1, topk)]
+    if labels is None:
+        return [(int(i), float(p[i])) for i in order]
+    return [(int(i), float(p[i]), labels[i]) for i in order]
+
+
+class Predictor:
+    """A loaded model. `.meta` is the artifact metadata ({} if the file has none)."""
+
+    def __init__(self, engine, path: str):
+        self._engine = engine
+        self.path = path
+        self.backend = engine.backend
+        self.meta = parse_metadata(engine.metadata_text)
+        self.input_names = engine.input_names
+        self.input_name = self.input_names[0]
+        self.output_names = engine.output_names
+        shape = self.meta.get("input_shape") or engine.input_shapes[self.input_name]
+        self.input_shape = [int(d) for d in shape] if shape else None
+
+    def __repr__(self) -> str:
+        shape = _format_shape(self.input_shape) if self.input_shape else ""
+        return (f"Predictor({self.path!r}, backend={self.backend!r}, input={self.input_name}{shape}, "
+                f"outputs={self.output_names})")
+
+    # ---- arrays
+    def _check_input(self, name: str, x) -> np.ndarray:
+        shape = self.input_shape if name == self.input_name else self._engine.input_shapes.get(name)
+        if not isinstance(x, np.ndarray):
+            problem = f"is a {type(x).__name__}"
+        elif x.dtype != np.float32:
+            problem = f"has dtype {x.dtype}"
+        elif 0 in x.shape or (shape and (
+                x.ndim != len(shape) or any(0 <= d != s for d, s in zip(shape, x.shape)))):
+            problem = f"has shape {list(x.shape)}"
+        else:
+            return np.ascontiguousarray(x)
+        expected = f"float32 array of shape {_format_shape(shape)}" if shape else "float32 array"
+        raise EdgeRuntimeError(f"input '{name}' {problem}; expected a {expected}")
+
+    def run(self, inputs, check_finite: bool = True) -> dict[str, np.ndarray]:
+        """An array (for the single input) or {input_name: array} → {output_name: array} for every output.
+
+        With check_finite (default), NaN, Inf or ±float-max in any output raises EdgeRuntimeError instead of
+        returning garbage that would rank as a confident class."""
+        if not isinstance(inputs, dict):
+            inputs = {self.input_name: inputs}
+        if set(inputs) != set(self.input_names):
+            raise EdgeRuntimeError(f"inputs named {sorted(inputs)}; the model expects {self.input_names}")
+        feeds = {name: self._check_input(name, x) for name, x in inputs.items()}
+        outputs = self._engine.run(feeds)
+        if check_finite:
+            for name, y in outputs.items():
+                if y.dtype.kind != "f":
+                    continue
+                # MNN saturates NaN/Inf to ±float-max instead of propagating them, so those count too
+                limit = np.finfo(y.dtype).max
+                if not np.abs(y).max() < limit:  # one reduction on the fast path; NaN fails the comparison
+                    bad = y.size - int(np.count_nonzero(np.abs(y) < limit))
+                    raise EdgeRuntimeError(
+                        f"output '{name}' has {bad} of {y.size} values NaN/Inf (or saturated at float max); "
+                        "check the input for NaN/huge values, or the model (if precision='low', try fp32)")
+        return outputs
+
+    # ---- images
+    def require_metadata(self) -> None:
+        """Raise EdgeRuntimeError unless the artifact's metadata says how to preprocess images."""
+        missing = [k for k in PREPROCESS_KEYS if k not in self.meta]
+        if missing:
+            raise EdgeRuntimeError(
+                f"{self.path}: no edgeport preprocessing metadata (missing {', '.join(missing)}); re-export "
+                "with edgeport, or preprocess yourself and call run()")
+        if self.meta["interpolation"] not in INTERPOLATIONS:
+            raise EdgeRuntimeError(f"{self.path}: unsupported interpolation {self.meta['interpolation']!r} "
+                                   f"in metadata; expected one of {sorted(INTERPOLATIONS)}")
+
+    def preprocess(self, image: ImageLike) -> np.ndarray:
+        """A path or PIL image → (1, 3, H, W) float32 exactly as the artifact's metadata prescribes."""
+        self.require_metadata()
+        return preprocess_image(load_image(image), self.meta)
+
+    def classify(self, images, topk: int = 5, labels: Sequence[str] | None = None) -> list[list[tuple]]:
+        """Paths or PIL images (or one of them) → per image [(class_index, probability[, label]), ...]."""
+        if self.meta.get("task", "classification") != "classification":
+            raise EdgeRuntimeError(f"{self.path}: a {self.meta['task']} model has no classes; use run()")
+        images = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
+        batch = self.input_shape[0] if self.input_shape and self.input_shape[0] > 0 else 1
+        results = []
+        for start in range(0, len(images), batch):
+            x = np.concatenate([self.preprocess(img) for img in images[start: start + batch]])
+            n = len(x)
+            if n < batch:  # a fixed-batch model: pad, then drop the padding's outputs
+                x = np.concatenate([x, np.zeros((batch - n, *x.shape[1:]), np.float32)])
+            logits = self.run(x)[self.output_names[0]][:n].reshape(n, -1)
+            if labels is not None and len(labels) != logits.shape[1]:
+                raise EdgeRuntimeError(f"{len(labels)} labels given; the model has {logits.shape[1]} classes")
+            results.extend(softmax_topk(row, topk, labels) for row in logits)
+        return results
