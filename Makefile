@@ -8,9 +8,11 @@ WEIGHTS ?=
 OUT     ?= artifacts
 EXPORT_ARGS ?=
 PYTEST_ARGS ?=
+PARITY_ARGS ?=
+BENCH_ARGS ?=
 SMALL_MODELS := fasternet_t0 convnext_atto inception_next_atto efficientnetv2_s
 
-.PHONY: setup test test-slow lint export export-all parity bench bench-full arm-setup arm arm-cost clean
+.PHONY: setup test test-slow lint export export-all parity bench bench-full clean
 
 setup: $(STAMP)
 
@@ -34,8 +36,25 @@ lint: setup
 export: setup
 	$(PY) -m export $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) --out $(OUT) $(EXPORT_ARGS)
 
+# Carries on past a model whose parity gate fails, and exits with the failure at the end.
 export-all: setup
-	@for m in $(SMALL_MODELS); do $(PY) -m export $$m --out $(OUT) $(EXPORT_ARGS) || exit $$?; done
+	@rc=0; for m in $(SMALL_MODELS); do $(PY) -m export $$m --out $(OUT) $(EXPORT_ARGS) || rc=$$?; done; exit $$rc
+
+# Re-runs the parity suite on every export of MODEL found under OUT.
+parity: setup
+	@set -e; found=0; for d in $(OUT)/$(MODEL)/*/; do [ -f "$$d/manifest.json" ] || continue; found=1; \
+	  $(PY) -m export.parity "$$d" $(PARITY_ARGS); done; \
+	  [ $$found = 1 ] || { echo "no export of $(MODEL) under $(OUT)/; run make export MODEL=$(MODEL)" >&2; exit 2; }
+
+# Latency of every inference form vs the fc baseline, operator table, roofline, seed checks -> benchmarks/results/
+bench: setup
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Every registered variant: hours on a 2-core machine.
+bench-full: setup
+	$(PY) -m benchmarks --models all --iters 30 $(BENCH_ARGS)
+
+include benchmarks/arm/arm.mk
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import runtime
+from export.mnn_convert import convert
 from runtime.images import load_image
 from runtime.preprocess import preprocess
 
@@ -80,7 +81,6 @@ def realistic(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
 
 def export(model, path, meta: dict, batch: int | None = None) -> None:
     """ONNX with metadata_props["edgeport"] (batch None = dynamic), then MNN with the same JSON as bizCode."""
-    import _tools
 
     names = meta["output_names"]
     dynamic = None if batch else {n: {0: "batch"} for n in ["input", *names]}
@@ -92,9 +92,7 @@ def export(model, path, meta: dict, batch: int | None = None) -> None:
     entry = proto.metadata_props.add()
     entry.key, entry.value = "edgeport", json.dumps(meta)
     onnx.save(proto, str(path))
-    _tools.mnnconvert(["mnnconvert", "-f", "ONNX", "--modelFile", str(path), "--MNNModel",
-                       str(path.with_suffix(".mnn")), "--bizCode", json.dumps(meta),
-                       "--useGeluApproximation", "0"])
+    convert(path, path.with_suffix(".mnn"), json.dumps(meta), log_path=path.with_suffix(".log"))
 
 
 def build_tiny_artifacts(out_dir) -> SimpleNamespace:
@@ -408,11 +406,8 @@ def test_classify_on_feature_model_says_use_run(artifacts):
 
 
 def test_model_without_metadata_runs_but_cannot_preprocess(artifacts, tmp_path):
-    import _tools
-
     plain = tmp_path / "plain.mnn"
-    _tools.mnnconvert(["mnnconvert", "-f", "ONNX", "--modelFile", str(artifacts.cls["onnx"]), "--MNNModel",
-                       str(plain), "--useGeluApproximation", "0"])
+    convert(artifacts.cls["onnx"], plain, "", log_path=tmp_path / "plain.log")
     p = runtime.load(plain)
     assert p.meta == {} and p.input_shape is None
     assert p.run(np.zeros((1, 3, SIZE, SIZE), np.float32))["logits"].shape == (1, 10)

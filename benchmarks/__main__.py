@@ -1,0 +1,199 @@
+"""CPU latency of every inference form against the fc baseline, the FasterNet paper's operator table, the
+SGEMM roofline and the seed claims; writes results.json, report.md, PNG plots and recommendation.json.
+
+  python -m benchmarks [--models ...] [--iters N] [--threads 1,all] [--engines torch,ort,mnn] [--quick]
+                       [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from models.errors import EdgeportError
+from runtime import EdgeRuntimeError
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench"
+DEFAULT_MODELS = ("fasternet_t0", "convnext_atto", "inception_next_atto", "efficientnetv2_s")
+QUICK_OP_SHAPES = ((32, 16),)
+
+
+def _csv(values) -> list[str]:
+    return [v for item in ([values] if isinstance(values, str) else values) for v in item.split(",") if v]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
+                   help="model names (space or comma separated), or 'all' for every registered variant "
+                        f"(default: {' '.join(DEFAULT_MODELS)})")
+    p.add_argument("--iters", type=int, help="interleaved timed rounds (default 20; --quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed rounds first (default 3; --quick 1)")
+    p.add_argument("--threads", default="1,all", help="thread counts, 'all' = every CPU (default 1,all)")
+    p.add_argument("--engines", default="torch,ort,mnn", help="subset of torch,ort,mnn (default all three)")
+    p.add_argument("--forms", help="only these form tags, e.g. split_cat-conv,fc (the baseline always runs)")
+    p.add_argument("--budget", type=float, default=10.0,
+                   help="seconds per (model, engine, threads) group; past it, stop after 3 rounds "
+                        "(default 10; 0 = no limit)")
+    p.add_argument("--img", type=int, help="input size (default: each model's own; --quick 64)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2 rounds, 64² input, one small operator shape, short roofline")
+    p.add_argument("--out", help="output directory (default benchmarks/results; --quick: .cache/bench/quick)")
+    p.add_argument("--cache", default=str(CACHE), help="export cache, or 'none' (a temporary directory)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate random-init weights first (models.calibrate; slower, same op graph)")
+    p.add_argument("--no-ops", action="store_true", help="skip the operator table")
+    p.add_argument("--from-results", metavar="RESULTS_JSON",
+                   help="measure nothing: rewrite report, plots and recommendation from a results.json "
+                        "(into --out, default its own directory)")
+    args = p.parse_args(argv)
+    args.quick_defaults = {"iters": 2, "warmup": 1, "img": 64} if args.quick else {"iters": 20, "warmup": 3}
+    for key, value in args.quick_defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def resolve(args) -> tuple[list[str], list[int], list[str]]:
+    import models
+    from benchmarks.forms import ENGINES
+
+    names = _csv(args.models)
+    if names == ["all"]:
+        names = [n for n in models.list_models() if not models.get_cfg(n).extra.get("alias_of")]
+    for name in names:
+        models.get_cfg(name)  # unknown names fail here, before any work
+    try:
+        threads = sorted({(os.cpu_count() or 1) if t == "all" else int(t) for t in _csv(args.threads)})
+    except ValueError:
+        raise EdgeportError(f"--threads {args.threads}: use positive counts or 'all', e.g. 1,all") from None
+    engines = _csv(args.engines)
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        raise EdgeportError(f"unknown --engines {','.join(bad) or '(empty)'}; "
+                            f"use a subset of {','.join(ENGINES)}")
+    if not threads or threads[0] < 1:
+        raise EdgeportError(f"--threads {args.threads}: use positive counts or 'all', e.g. 1,all")
+    if args.iters < 1 or args.warmup < 0 or args.budget < 0:
+        raise EdgeportError("--iters must be at least 1, --warmup and --budget at least 0")
+    return names, threads, engines
+
+
+def write_outputs(results: dict, out: Path) -> dict:
+    """Derived numbers, recommendation, plots and report from the measurements; every file replaced whole."""
+    from .plots import make_plots
+    from .report import add_roofline, recommend, render, seed003, write_atomic, write_json
+
+    results.pop("recommendation", None)
+    add_roofline(results)
+    results["seed_checks"]["seed003"] = seed003(results)
+    rec = recommend(results)
+    plots = make_plots(results, out)
+    markdown = render(results, rec, plots)
+    results["recommendation"] = rec
+    write_json(out / "results.json", results)
+    write_json(out / "recommendation.json", rec)
+    write_atomic(out / "report.md", markdown)
+    return rec
+
+
+def rerender(args) -> tuple[dict, Path]:
+    path = Path(args.from_results)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EdgeportError(f"--from-results {path}: not a readable results.json ({type(e).__name__})") from None
+    out = Path(args.out) if args.out else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(results, out)
+    return results, out
+
+
+def run(args, log) -> tuple[dict, Path]:
+    from export.manifest import tool_versions
+
+    from .forms import bench_model
+    from .ops import SHAPES, operator_table
+    from .roofline import sgemm_gflops
+    from .seed_checks import seed000_table
+    from .timing import host_info, load_average
+
+    names, threads, engines = resolve(args)
+    out = Path(args.out) if args.out else (CACHE / "quick" if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    roof_kw = {"n": 256, "seconds": 0.1} if args.quick else {}
+    results = {
+        "host": host_info(), "loadavg": {"start": load_average()}, "versions": tool_versions(),
+        "settings": {"models": names, "iters": args.iters, "warmup": args.warmup, "threads": threads,
+                     "engines": engines, "img": args.img, "forms": args.forms,
+                     "budget_s": args.budget or None, "calibrated": args.calibrate,
+                     "quick": args.quick, "batch": 1, "precision": "fp32",
+                     "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_"))}},
+        "roofline": {}, "models": {}, "operators": {}, "seed_checks": {},
+    }
+    seconds, mark = {}, [start]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        seconds[name] = seconds.get(name, 0.0) + now - mark[0]
+        mark[0] = now
+
+    log(f"roofline: SGEMM at {threads} threads")
+    roof_start = {str(t): sgemm_gflops(t, **roof_kw) for t in threads}
+    stage("roofline")
+    cache = None if args.cache == "none" else Path(args.cache)
+    only = set(_csv(args.forms)) if args.forms else None
+    for name in names:
+        log(f"{name}: build forms")
+        results["models"][name] = bench_model(name, engines, threads, args.iters, args.warmup, args.img,
+                                              cache, args.calibrate, only, args.budget or None, log=log)
+        stage("models")
+    if not args.no_ops:
+        for t in threads:
+            log(f"operator table, {t} thread(s)")
+            results["operators"][str(t)] = operator_table(iters=args.iters, threads=t,
+                                                          shapes=QUICK_OP_SHAPES if args.quick else SHAPES)
+        stage("operators")
+    log("seed checks")
+    results["seed_checks"]["seed000"] = seed000_table()
+    stage("seed checks")
+    roof_end = {str(t): sgemm_gflops(t, **roof_kw) for t in threads}
+    stage("roofline")
+    # The roof is the best the machine showed: measured at both ends because other load comes and goes, and
+    # never below the roof at fewer threads (a shared machine can make 2 threads slower than 1).
+    best = {t: max(roof_start[t], roof_end[t]) for t in roof_start}
+    roof = {t: max(g for u, g in best.items() if int(u) <= int(t)) for t in best}
+    results["roofline"] = {"gflops": roof,
+                           "start": roof_start, "end": roof_end, "n": roof_kw.get("n", 1024)}
+    results["loadavg"]["end"] = load_average()
+    results["wall_s"] = time.perf_counter() - start
+    results["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    write_outputs(results, out)
+    return results, out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        results, out = rerender(args) if args.from_results else run(args, log)
+    except (EdgeportError, EdgeRuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text())
+    took = "re-rendered" if args.from_results else f"in {results['wall_s'] / 60:.1f} min"
+    log(f"wrote {out}/{{results.json,report.md,recommendation.json,*.png}} {took}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

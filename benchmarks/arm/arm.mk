@@ -1,0 +1,20 @@
+# ARM without a board (include from the top Makefile): MNN's aarch64 kernels under qemu-user.
+#   make arm-setup                      aarch64 CPython + MNN + TCG plugin under $(ARM_CACHE) (network, once)
+#   make arm  [ARM_DIRS="artifacts/m/tag ..."] [ARM_ARGS="--fp16-gate 1e-2"]      parity vs ONNX Runtime
+#   make arm-cost [ARM_MODELS="artifacts/m ..."] [ARM_COST_ARGS=...]               instruction counts
+ARM_CACHE     ?= .cache/arm
+ARM_DIRS      ?=
+ARM_ARGS      ?=
+ARM_MODELS    ?=
+ARM_COST_ARGS ?=
+
+.PHONY: arm-setup arm arm-cost
+
+arm-setup: setup
+	bash benchmarks/arm/setup.sh $(ARM_CACHE) $(PY)
+
+arm: arm-setup
+	$(PY) -m benchmarks.arm.parity --cache $(ARM_CACHE) $(ARM_DIRS) $(ARM_ARGS)
+
+arm-cost: arm-setup
+	$(PY) -m benchmarks.arm.cost --cache $(ARM_CACHE) $(ARM_MODELS) $(ARM_COST_ARGS)

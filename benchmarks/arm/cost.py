@@ -1,0 +1,167 @@
+"""Deterministic aarch64 instruction counts per inference for each exported variant of a model.
+
+    python -m benchmarks.arm.cost [MODEL_DIR ...] [--configs cortex-a53:normal neoverse-n1:low] [--out DIR]
+
+A MODEL_DIR is artifacts/<model>/ whose form-tag subdirs (fc vs conv MLP, PConv forms, ...) hold model.mnn
+(default: every artifacts/*/). Each variant is counted under each config (qemu -cpu : MNN precision; precision
+low uses model.fp16.mnn when present) by the insncount TCG plugin: total and by class (load/store, SIMD/FP,
+other), as ratios to the variant with the fc MLP form, and fp16 vs fp32 on the same CPU. Writes
+arm_cost.json and arm_cost.md under benchmarks/results/arm/.
+
+Instruction counts are a proxy, not latency.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+from models.errors import EdgeportError
+
+from .parity import read_metadata, write_json
+from .run import COUNT_KEYS, REPO, guest_infer, versions
+
+DEFAULT_CONFIGS = ("cortex-a53:normal", "neoverse-n1:normal", "neoverse-n1:low")
+PROXY_NOTE = ("Instruction counts are a proxy, not latency: qemu counts the guest instructions MNN's "
+              "aarch64 kernels execute, with no model of pipelines, caches, memory bandwidth or the "
+              "throughput of fp16 versus fp32 units; emulated wall time is not ARM latency either. Use the "
+              "ratios to compare variants, and measure on a board before quoting speed.")
+
+
+def variant_dirs(model_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in model_dir.glob("*/model.mnn"))
+
+
+def pick_baseline(variants: list[dict], tag: str | None) -> dict:
+    if tag:
+        for v in variants:
+            if v["variant"] == tag:
+                return v
+        have = ", ".join(v["variant"] for v in variants)
+        raise EdgeportError(f"--baseline {tag}: no such variant; have {have}")
+    fc = [v for v in variants if v["mlp"] == "fc"]
+    fc.sort(key=lambda v: (v["pconv"] not in (None, "split_cat"), v["variant"]))
+    return (fc or variants)[0]
+
+
+def count_variant(vdir: Path, meta: dict, cpu: str, precision: str, repeat: int, cache) -> dict:
+    from export.inputs import sample_batch
+
+    fp16 = vdir / "model.fp16.mnn"
+    path = fp16 if precision == "low" and fp16.is_file() else vdir / "model.mnn"
+    x = sample_batch(meta, n_images=1, n_random=0)
+    runs = [guest_infer(path, x, cpu, precision, counted_runs=2, cache=cache) for _ in range(repeat)]
+    counts = [{k: int(r.counts[-1][k]) for k in COUNT_KEYS} for r in runs]
+    repeatable = all(c == counts[0] for c in counts) if repeat > 1 else None  # None: not checked
+    return {"file": path.name, "counts": counts[0], "repeatable": repeatable,
+            "repeats": repeat, "first_counted_run": runs[0].counts[0], "device": runs[0].device,
+            "versions": runs[0].versions}
+
+
+def ratio(a: dict, b: dict) -> dict:
+    return {k: round(a[k] / b[k], 4) if b[k] else None for k in COUNT_KEYS}
+
+
+def cost_model(model_dir, configs=DEFAULT_CONFIGS, baseline=None, repeat=2, cache=None, log=print) -> dict:
+    model_dir = Path(model_dir)
+    vdirs = variant_dirs(model_dir)
+    if not vdirs:
+        raise EdgeportError(f"no <form-tag>/model.mnn under {model_dir}; export the model (make export)")
+    host_versions = versions(cache)
+    variants = []
+    for vdir in vdirs:
+        meta = read_metadata(vdir)
+        variants.append({"variant": vdir.name, "pconv": meta.get("pconv"), "mlp": meta.get("mlp"),
+                         "dir": str(vdir), "meta": meta})
+    base = pick_baseline(variants, baseline)
+    rows = []
+    for spec in configs:
+        cpu, _, precision = spec.partition(":")
+        precision = precision or "normal"
+        for v in variants:
+            res = count_variant(Path(v["dir"]), v["meta"], cpu, precision, repeat, cache)
+            row = {"variant": v["variant"], "pconv": v["pconv"], "mlp": v["mlp"], "cpu": cpu,
+                   "precision": precision, **res, "versions": {**host_versions, **res["versions"]}}
+            rows.append(row)
+            log(f"  {v['variant']:<24} {cpu:<12} {precision:<6} {row['file']:<16} "
+                f"total {res['counts']['total']:>14,}  repeatable={res['repeatable']}")
+    for r in rows:
+        b = next(x for x in rows if x["variant"] == base["variant"] and x["cpu"] == r["cpu"]
+                 and x["precision"] == r["precision"])
+        r["ratio_to_baseline"] = ratio(r["counts"], b["counts"])
+        fp32 = [x for x in rows if x["variant"] == r["variant"] and x["cpu"] == r["cpu"]
+                and x["precision"] == "normal"]
+        r["ratio_to_fp32_same_cpu"] = ratio(r["counts"], fp32[0]["counts"]) if fp32 else None
+    model = variants[0]["meta"].get("model") or model_dir.name
+    return {"model": model, "dir": str(model_dir), "baseline": base["variant"], "rows": rows}
+
+
+def markdown(report: dict) -> str:
+    lines = ["# aarch64 instruction counts per inference (qemu-user TCG plugin)", "", f"**{PROXY_NOTE}**", "",
+             f"Input: {report['input']}. Counting: {report['method']}", ""]
+    v = report["versions"]
+    lines += ["Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)), ""]
+    for m in report["models"]:
+        lines += [f"## {m['model']} (baseline for ratios: `{m['baseline']}`)", "",
+                  "| variant | pconv | mlp | cpu | precision | file | total | load/store | SIMD/FP | other "
+                  "| ×total vs baseline | ×load/store | ×SIMD/FP | ×other | ×total vs fp32 | repeatable |",
+                  "|---|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+        for r in m["rows"]:
+            c, q, f32 = r["counts"], r["ratio_to_baseline"], r["ratio_to_fp32_same_cpu"]
+            vs_fp32 = f"{f32['total']:.3f}" if f32 else "-"
+            cells = [r["variant"], r["pconv"], r["mlp"], r["cpu"], r["precision"], r["file"],
+                     *(f"{c[k]:,}" for k in COUNT_KEYS), *(f"{q[k]:.3f}" for k in COUNT_KEYS), vs_fp32,
+                     r["repeatable"]]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def default_model_dirs(root="artifacts") -> list[str]:
+    found = glob.glob(os.path.join(root, "*", "*", "model.mnn"))
+    return sorted({os.path.dirname(os.path.dirname(p)) for p in found})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="aarch64 instruction counts per inference, per exported variant")
+    p.add_argument("model_dirs", nargs="*", help="artifacts/<model>/ dirs (default: all under artifacts/)")
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="CPU:PRECISION pairs")
+    p.add_argument("--baseline", default=None,
+                   help="variant (form-tag dir) the ratios divide by (default: the fc MLP form)")
+    p.add_argument("--repeat", type=int, default=2, help="count each config this many times (must agree)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "arm"))
+    p.add_argument("--cache", default=None, help="ARM environment dir (default .cache/arm)")
+    a = p.parse_args(argv)
+    try:
+        dirs = a.model_dirs or default_model_dirs()
+        if not dirs:
+            raise EdgeportError("no artifacts/<model>/<form>/model.mnn; run `make export` or pass model dirs")
+        models = []
+        for d in dirs:
+            print(f"{d}:", flush=True)
+            models.append(cost_model(d, a.configs, a.baseline, a.repeat, a.cache,
+                                     log=lambda s: print(s, flush=True)))
+        report = {"note": PROXY_NOTE, "versions": versions(a.cache),
+                  "input": "export.inputs.sample_batch(n_images=1, n_random=0): one photo through the "
+                           "model's preprocessing, batch 1",
+                  "method": "insncount TCG plugin; per config: 1 uncounted inference, 2 counted ones, the "
+                            "second reported; MNN numThread 1, ASLR off, PYTHONHASHSEED=0",
+                  "configs": a.configs, "models": models}
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "arm_cost.json", report)
+        tmp = out / "arm_cost.md.tmp"
+        tmp.write_text(markdown(report) + "\n")
+        os.replace(tmp, out / "arm_cost.md")
+    except EdgeportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{PROXY_NOTE}\n-> {out / 'arm_cost.json'}, {out / 'arm_cost.md'}")
+    not_repeatable = [r for m in models for r in m["rows"] if r["repeatable"] is False]
+    return 1 if not_repeatable else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

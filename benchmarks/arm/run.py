@@ -1,0 +1,207 @@
+"""Host side of the ARM emulation: run a .mnn in the aarch64 guest (qemu-user + Debian's CPython + MNN's
+aarch64 wheel, built by `make arm-setup`) and count the guest instructions of one inference.
+
+Emulated wall time says nothing about ARM latency; instruction counts are a deterministic proxy, not latency.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import EdgeportError
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE = REPO / ".cache" / "arm"
+GUEST_SCRIPT = Path(__file__).with_name("guest_infer.py")
+PRECISIONS = ("normal", "low")
+COUNT_KEYS = ("total", "load_store", "simd_fp", "other")
+GUEST_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class ArmEnv:
+    """The aarch64 environment under a cache dir (see setup.sh for its layout)."""
+
+    cache: Path
+
+    @property
+    def sysroot(self) -> Path:
+        return self.cache / "sysroot"
+
+    @property
+    def python(self) -> Path:
+        return self.sysroot / "usr" / "bin" / "python3.11"
+
+    @property
+    def site(self) -> Path:
+        return self.cache / "site"
+
+    @property
+    def plugin(self) -> Path:
+        return self.cache / "plugin" / "libinsncount.so"
+
+    def missing(self) -> str | None:
+        """Why the environment cannot run, or None when it can."""
+        if shutil.which("qemu-aarch64") is None:
+            return "qemu-aarch64 not installed"
+        for path in (self.python, self.site / "MNN", self.plugin):
+            if not path.exists():
+                return f"{path} missing"
+        return None
+
+    def require(self) -> ArmEnv:
+        why = self.missing()
+        if why:
+            raise EdgeportError(f"ARM environment not ready ({why}); run `make arm-setup`")
+        return self
+
+
+def arm_env(cache: str | os.PathLike | None = None) -> ArmEnv:
+    cache = cache or os.environ.get("EDGEPORT_ARM_CACHE") or DEFAULT_CACHE
+    return ArmEnv(Path(cache).resolve())
+
+
+@dataclass
+class GuestRun:
+    outputs: dict[str, np.ndarray]
+    counts: list[dict[str, int]]  # one per counted region
+    device: dict[str, int]  # MNN's "The device supports: ..." line: which ARM features its kernels use
+    versions: dict[str, str]
+
+
+def _guest_environ(env: ArmEnv) -> dict[str, str]:
+    # A clean environment: nothing of the host's (OPENBLAS_CORETYPE may name an x86 core; PYTHONPATH the
+    # host's packages). Threads pinned to 1 and the hash seed fixed so instruction counts repeat exactly.
+    return {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
+            "PYTHONNOUSERSITE": "1", "PYTHONPATH": str(env.site),
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _guest(env: ArmEnv, cpu: str, args: list[str], cwd: Path, plugin_out: Path | None = None) -> str:
+    """Run guest_infer.py under qemu-aarch64; returns its stdout.
+
+    `setarch -R` turns address randomisation off: with it the same run repeats the same instruction count."""
+    cmd = ["qemu-aarch64", "-cpu", cpu, "-L", str(env.sysroot)]
+    if plugin_out is not None:
+        cmd += ["-plugin", f"{env.plugin},out={plugin_out}"]
+    # Bytecode caching stays on: Debian's stdlib .debs ship no .pyc, and compiling on every start costs
+    # seconds of emulation; the first run fills the caches under the sysroot and site dirs.
+    cmd += [str(env.python), str(GUEST_SCRIPT), *args]
+    if shutil.which("setarch"):
+        cmd = ["setarch", "-R", *cmd]
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=_guest_environ(env), capture_output=True, text=True,
+                              timeout=GUEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        raise EdgeportError(f"aarch64 guest timed out after {GUEST_TIMEOUT_S} s (cpu {cpu}); "
+                            "try a smaller model or fewer inputs") from e
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if "unable to find CPU model" in proc.stderr:
+            last = f"qemu does not know -cpu {cpu}; list the models with `qemu-aarch64 -cpu help`"
+        raise EdgeportError(f"aarch64 guest failed (cpu {cpu}): {last}")
+    return proc.stdout
+
+
+def parse_device_line(stdout: str) -> dict[str, int]:
+    """MNN's 'The device supports: i8sdot:0, fp16:1, ...' (printed at import) → {"i8sdot": 0, "fp16": 1}."""
+    m = re.search(r"The device supports:(.*)", stdout)
+    return {k: int(v) for k, v in re.findall(r"(\w+):\s*(\d+)", m.group(1))} if m else {}
+
+
+def guest_infer(mnn_path, inputs: np.ndarray, cpu: str = "cortex-a53", precision: str = "normal",
+                counted_runs: int = 0, cache=None) -> GuestRun:
+    """Run every sample of `inputs` (N, C, H, W) through the model at batch 1 in the guest; with
+    counted_runs > 0 also count the instructions of that many extra inferences of sample 0."""
+    if precision not in PRECISIONS:
+        raise EdgeportError(f"unknown MNN precision '{precision}'; use one of {', '.join(PRECISIONS)}")
+    mnn_path = Path(mnn_path)
+    if not mnn_path.is_file():
+        raise EdgeportError(f"{mnn_path} not found; export the model first (make export)")
+    env = arm_env(cache).require()
+    work_root = env.cache / "work"
+    work_root.mkdir(parents=True, exist_ok=True)
+    # Fixed-length names inside a fixed-length temp dir keep the guest's argv, paths and memory layout alike
+    # from one run to the next.
+    with tempfile.TemporaryDirectory(prefix="g", dir=work_root) as tmp:
+        work = Path(tmp)
+        os.symlink(mnn_path.resolve(), work / "model.mnn")
+        np.save(work / "input.npy", np.ascontiguousarray(inputs, dtype=np.float32))
+        counts_file = work / "counts.jsonl" if counted_runs else None
+        args = ["model.mnn", "input.npy", "out", "--precision", precision,
+                "--counted-runs", str(counted_runs)]
+        stdout = _guest(env, cpu, args, work, counts_file)
+        info = json.loads((work / "out" / "info.json").read_text())
+        outputs = {name: np.load(work / "out" / f"out{k}.npy") for k, name in enumerate(info["output_names"])}
+        counts = [json.loads(line) for line in counts_file.read_text().splitlines()] if counts_file else []
+    if len(counts) != counted_runs:
+        raise EdgeportError(f"the insncount plugin reported {len(counts)} of {counted_runs} regions; "
+                            "rebuild it with `make arm-setup`")
+    return GuestRun(outputs, counts, parse_device_line(stdout), info["versions"])
+
+
+def run_mnn_arm(mnn_path, inputs: np.ndarray, cpu: str = "cortex-a53", precision: str = "normal",
+                cache=None) -> dict[str, np.ndarray]:
+    """Outputs of the .mnn on an emulated ARM core (MNN Module API, numThread 1), by output name."""
+    return guest_infer(mnn_path, inputs, cpu, precision, cache=cache).outputs
+
+
+def count_instructions(mnn_path, input: np.ndarray, cpu: str = "cortex-a53", precision: str = "normal",
+                       cache=None) -> dict[str, int]:
+    """Guest instructions of one inference of `input` (its first sample), total and by class.
+
+    The model runs once untimed, then twice counted; the second counted run is returned (steady state:
+    the first still differs by a few hundred instructions of Python-side warm-up)."""
+    run = guest_infer(mnn_path, np.asarray(input)[:1], cpu, precision, counted_runs=2, cache=cache)
+    return {k: int(run.counts[-1][k]) for k in COUNT_KEYS}
+
+
+def qemu_version() -> str:
+    out = subprocess.run(["qemu-aarch64", "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"version\s+(.*)", out)
+    return m.group(1).strip() if m else out.strip()
+
+
+def versions(cache=None, probe: bool = False) -> dict[str, str]:
+    """qemu (host), Python, glibc, numpy and MNN (guest) versions; read from the cache's versions.json,
+    written by `make arm-setup`, unless probe=True or the file is missing or from another qemu."""
+    env = arm_env(cache)
+    path = env.cache / "versions.json"
+    qemu = qemu_version()
+    if not probe and path.is_file():
+        known = json.loads(path.read_text())
+        if known.get("qemu") == qemu:
+            return known
+    env.require()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = _guest(env, "cortex-a53", ["--versions"], Path(tmp))
+    # MNN's own C-level print may land after ours: take the JSON line.
+    guest = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    return {"qemu": qemu, **guest}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="aarch64 guest versions (qemu-user)")
+    p.add_argument("--versions", action="store_true", help="probe the guest and print its versions as JSON")
+    p.add_argument("--cache", default=None, help=f"environment dir (default {DEFAULT_CACHE})")
+    a = p.parse_args(argv)
+    try:
+        print(json.dumps(versions(a.cache, probe=True)))
+    except EdgeportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

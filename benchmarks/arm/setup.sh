@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Build the aarch64 guest environment used by `make arm` / `make arm-cost`, from Debian's archive and the
+# Python package registry only.  Idempotent: every step is skipped when its output is already in place.
+#
+#   setup.sh CACHE_DIR HOST_PYTHON
+#
+# CACHE_DIR/
+#   apt/       private APT configuration, lists and archives (APT::Architecture arm64; the host's dpkg is untouched)
+#   sysroot/   arm64 .debs unpacked with `dpkg -x`: glibc, libstdc++, CPython 3.11  (qemu-aarch64 -L sysroot)
+#   site/      MNN + numpy aarch64 wheels installed with pip --target (the guest's PYTHONPATH)
+#   plugin/    qemu-plugin.h (from Debian's qemu source package) and libinsncount.so
+#   versions.json  qemu, glibc, Python, MNN and numpy versions as seen by the guest
+set -euo pipefail
+
+CACHE=$(realpath -m "${1:?usage: setup.sh CACHE_DIR HOST_PYTHON}")
+HOST_PY=${2:?usage: setup.sh CACHE_DIR HOST_PYTHON}
+HERE=$(cd "$(dirname "$0")" && pwd)
+MNN_VERSION=3.6.1
+NUMPY_VERSION=2.4.6
+DEBS="libc6 libgcc-s1 libstdc++6 zlib1g libexpat1 libffi8 python3.11-minimal libpython3.11-minimal libpython3.11-stdlib"
+APT_HOST=(apt-get -q -o DPkg::Lock::Timeout=600)
+
+say() { printf "[arm-setup %3ds] %s\n" "$SECONDS" "$*"; }
+die() { printf '[arm-setup] error: %s\n' "$*" >&2; exit 2; }
+mkdir -p "$CACHE"
+
+# 1. Host tools: qemu-user (root installs it; only done when missing), gcc for the plugin.
+missing=()
+command -v qemu-aarch64 >/dev/null || missing+=(qemu-user)
+command -v gcc >/dev/null || missing+=(gcc)
+command -v xz >/dev/null || missing+=(xz-utils)
+if ((${#missing[@]})); then
+    [ "$(id -u)" = 0 ] || die "${missing[*]} missing; run: sudo apt-get update && sudo apt-get install ${missing[*]}"
+    say "installing host packages: ${missing[*]}"
+    "${APT_HOST[@]}" update
+    DEBIAN_FRONTEND=noninteractive "${APT_HOST[@]}" install -y --no-install-recommends "${missing[@]}"
+fi
+say "host: $(qemu-aarch64 --version | head -1)"
+
+# 2. Private APT configuration: the host's Debian sources, read as an arm64 machine.
+APT=$CACHE/apt
+export APT_CONFIG=$APT/apt.conf
+debian_sources() {
+    apt-get indextargets --format '$(REPO_URI) $(RELEASE) $(COMPONENT)' 'Identifier: Packages' 'Origin: Debian' |
+        sort -u
+}
+if [ ! -s "$APT/lists.ok" ]; then
+    mkdir -p "$APT"/{lists/partial,archives/partial,parts,prefs}
+    src=$(APT_CONFIG=/dev/null debian_sources)
+    if [ -z "$src" ]; then
+        say "no Debian package lists on the host yet; running apt-get update"
+        APT_CONFIG=/dev/null "${APT_HOST[@]}" update >/dev/null
+        src=$(APT_CONFIG=/dev/null debian_sources)
+    fi
+    [ -n "$src" ] || die "no Debian archive in the host's APT sources; add one to /etc/apt/sources.list.d"
+    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    : >"$APT/sources.list"
+    while read -r uri release component; do
+        printf 'deb [signed-by=%s] %s %s %s\ndeb-src [signed-by=%s] %s %s %s\n' \
+            "$keyring" "$uri" "$release" "$component" "$keyring" "$uri" "$release" "$component" >>"$APT/sources.list"
+    done <<<"$src"
+    : >"$APT/status"
+    cat >"$APT/apt.conf" <<CONF
+APT::Architecture "arm64";
+APT::Architectures { "arm64"; };
+Dir::Etc::SourceList "$APT/sources.list";
+Dir::Etc::SourceParts "$APT/parts";
+Dir::Etc::PreferencesParts "$APT/prefs";
+Dir::State::Lists "$APT/lists";
+Dir::State::status "$APT/status";
+Dir::Cache "$APT/cache";
+Dir::Cache::archives "$APT/archives";
+APT::Sandbox::User "root";
+Acquire::Languages "none";
+Debug::NoLocking "true";
+#clear APT::Update::Post-Invoke-Success;
+#clear APT::Update::Post-Invoke;
+CONF
+    mkdir -p "$APT/cache"
+    say "apt-get update (private arm64 lists under $APT)"
+    apt-get -q update | sed 's/^/    /'
+    date -u +%FT%TZ >"$APT/lists.ok"
+fi
+
+# 3. arm64 sysroot: glibc + CPython 3.11, unpacked without dpkg's database.
+SYSROOT=$CACHE/sysroot
+if [ ! -x "$SYSROOT/usr/bin/python3.11" ]; then
+    DEBDIR=$APT/debs
+    mkdir -p "$DEBDIR"
+    say "downloading arm64 packages: $DEBS"
+    # shellcheck disable=SC2086
+    (cd "$DEBDIR" && apt-get -q download $DEBS | sed 's/^/    /')
+    tmp=$(mktemp -d "$CACHE/sysroot.tmp.XXXX")
+    for pkg in $DEBS; do
+        deb=$(ls -t "$DEBDIR/${pkg}_"*_arm64.deb | head -1)
+        dpkg -x "$deb" "$tmp"
+    done
+    rm -rf "$SYSROOT" && mv "$tmp" "$SYSROOT"
+    say "sysroot ready: $(du -sh "$SYSROOT" | cut -f1)"
+fi
+
+# 4. Guest site-packages: aarch64 wheels, kept apart from the host's environment.
+SITE=$CACHE/site
+if [ ! -f "$SITE/.ok-$MNN_VERSION-$NUMPY_VERSION" ]; then
+    say "installing MNN==$MNN_VERSION numpy==$NUMPY_VERSION (aarch64 cp311 wheels) into $SITE"
+    tmp=$(mktemp -d "$CACHE/site.tmp.XXXX")
+    "$HOST_PY" -m pip install --quiet --disable-pip-version-check --no-compile \
+        --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
+        --python-version 3.11 --implementation cp --only-binary=:all: --target "$tmp" \
+        "MNN==$MNN_VERSION" "numpy==$NUMPY_VERSION"
+    touch "$tmp/.ok-$MNN_VERSION-$NUMPY_VERSION"
+    rm -rf "$SITE" && mv "$tmp" "$SITE"
+fi
+
+# 5. TCG plugin: qemu-plugin.h comes from Debian's source package of the installed qemu (Debian ships no
+#    plugins and no plugin header); only that one file is kept.
+PLUGIN=$CACHE/plugin
+mkdir -p "$PLUGIN"
+if [ ! -f "$PLUGIN/qemu-plugin.h" ]; then
+    srcver=$(dpkg-query -W -f='${source:Version}' qemu-user 2>/dev/null || true)
+    srcpkg=$(dpkg-query -W -f='${source:Package}' qemu-user 2>/dev/null || echo qemu)
+    say "fetching qemu-plugin.h from Debian source package $srcpkg ${srcver:-(candidate)}"
+    tmp=$(mktemp -d "$CACHE/qemu-src.tmp.XXXX")
+    (cd "$tmp" && apt-get -q source --download-only "$srcpkg${srcver:+=$srcver}" | sed 's/^/    /') ||
+        (cd "$tmp" && apt-get -q source --download-only "$srcpkg" | sed 's/^/    /')
+    orig=$(ls "$tmp"/*.orig.tar.* | head -1)
+    tar -xf "$orig" -C "$tmp" --wildcards '*/include/qemu/qemu-plugin.h'
+    cp "$(find "$tmp" -path '*/include/qemu/qemu-plugin.h' | head -1)" "$PLUGIN/qemu-plugin.h.tmp"
+    mv "$PLUGIN/qemu-plugin.h.tmp" "$PLUGIN/qemu-plugin.h"
+    rm -rf "$tmp"
+fi
+if [ ! -f "$PLUGIN/libinsncount.so" ] || [ "$HERE/insncount.c" -nt "$PLUGIN/libinsncount.so" ]; then
+    say "building TCG plugin libinsncount.so"
+    gcc -O2 -shared -fPIC -Wall -I"$PLUGIN" \
+        -o "$PLUGIN/libinsncount.so.tmp" "$HERE/insncount.c"
+    mv "$PLUGIN/libinsncount.so.tmp" "$PLUGIN/libinsncount.so"
+fi
+
+# 6. Smoke test + versions, as the guest sees them. This first guest run also writes the .pyc caches of the
+#    modules the guest imports (Debian's stdlib .debs ship none), so later runs start faster.
+if [ ! -s "$CACHE/versions.json" ] || [ "$HERE/setup.sh" -nt "$CACHE/versions.json" ]; then
+    say "checking the guest (guest_infer.py --versions under qemu-aarch64)"
+    (cd "$HERE/../.." && "$HOST_PY" -c 'import sys; from benchmarks.arm.run import main; sys.exit(main(sys.argv[1:]))' \
+        --versions --cache "$CACHE") >"$CACHE/versions.json.tmp"
+    mv "$CACHE/versions.json.tmp" "$CACHE/versions.json"
+fi
+say "ready: $(tr -d '\n' <"$CACHE/versions.json")"

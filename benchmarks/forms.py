@@ -1,0 +1,211 @@
+"""Every inference form of a model — PConv {split_cat, slicing, full, fused} × MLP {fc, conv}, where the
+network has them — built with the project's own export code, then timed per engine with the forms interleaved.
+
+Exports are cached under a directory keyed by the code that produces them, so a second run re-times without
+re-exporting; a change to models/ or export/ (or to a tool version) starts a fresh cache."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import runtime
+from export import mnn_convert, onnx_export
+from export._console import redirect_fds
+from export.manifest import tool_versions
+from export.source import artifact_meta, build_models, form_tag, make_source, model_forms
+from models.errors import EdgeportError
+from models.inference import MLP_FORMS, PCONV_FORMS, to_inference
+
+from .timing import interleaved, summarize
+
+ENGINES = ("torch", "ort", "mnn")
+ROOT = Path(__file__).resolve().parent.parent
+# What an exported file depends on besides its source record: a change in any of these invalidates the cache.
+CODE = ("models", "export")
+
+
+@dataclass
+class Form:
+    tag: str
+    pconv: str | None
+    mlp: str | None
+    module: nn.Module
+    meta: dict
+    macs: int = 0
+    files: dict[str, Path] = field(default_factory=dict)  # engine → exported file
+
+
+def code_fingerprint() -> str:
+    h = hashlib.sha256(repr(sorted(tool_versions().items())).encode())
+    for package in CODE:
+        for path in sorted((ROOT / package).glob("*.py")):
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def prune_cache(cache: Path, keep: str) -> None:
+    """Exports of other code versions are never read again (hundreds of MB each): remove them."""
+    for old in Path(cache).glob("?" * len(keep)):
+        if old.is_dir() and old.name != keep and all(c in "0123456789abcdef" for c in old.name):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def form_grid(reference: nn.Module) -> list[tuple[str | None, str | None]]:
+    """(pconv, mlp) pairs that mean something for this network; the baseline (split_cat, fc) comes first."""
+    has_pconv, has_mlp = model_forms(reference)
+    pconvs = sorted(PCONV_FORMS, key=lambda f: f != "split_cat") if has_pconv else [None]
+    mlps = sorted(MLP_FORMS, key=lambda f: f != "fc") if has_mlp else [None]
+    return [(p, m) for p in pconvs for m in mlps]
+
+
+def counted_macs(module: nn.Module, x: torch.Tensor) -> int:
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops() // 2
+
+
+def build_forms(model: str, img_size: int | None = None, calibrate: bool = False,
+                only: set[str] | None = None) -> tuple[list[Form], dict]:
+    """Every form of `model` (or those tagged in `only`, plus the baseline) as an eval nn.Module, not yet
+    exported, and the ones that could not be built {tag: reason}."""
+    source = {**make_source(model, img_size=img_size), "calibrated": calibrate}
+    reference, _, _ = build_models(source)
+    x = torch.zeros(1, 3, source["img_size"], source["img_size"])
+    forms, skipped = [], {}
+    for pconv, mlp in form_grid(reference):
+        meta = artifact_meta(reference, {**source, "pconv": pconv, "mlp": mlp})
+        tag = form_tag(meta)
+        if only and forms and tag not in only:
+            continue
+        try:
+            module = to_inference(reference, pconv=pconv or "split_cat", mlp=mlp or "conv")
+        except EdgeportError as e:  # e.g. "fused" where no PConv feeds an MLP
+            skipped[tag] = str(e)
+            continue
+        forms.append(Form(tag, pconv, mlp, module, meta, macs=counted_macs(module, x)))
+    return forms, skipped
+
+
+def export_form(form: Form, directory: Path) -> None:
+    """model.onnx (exported + simplified like `make export`) and model.mnn (fp32) in `directory`, reused when
+    present; built in a temporary sibling and moved into place whole."""
+    onnx_path, mnn_path = directory / "model.onnx", directory / mnn_convert.FILENAMES["fp32"]
+    if not (onnx_path.is_file() and mnn_path.is_file()):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+        try:
+            log = build / "export.log"
+            with redirect_fds(log):
+                graph = onnx_export.export_onnx(form.module, build / "model.raw.onnx", form.meta)
+                graph = onnx_export.simplify(graph)
+            onnx_export.set_metadata(graph, form.meta)
+            onnx.save_model(graph, str(build / "model.onnx"))
+            (build / "model.raw.onnx").unlink()
+            mnn_convert.convert(build / "model.onnx", build / mnn_path.name,
+                                onnx_export.metadata_json(form.meta), log_path=log)
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(build, directory)
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    form.files = {"ort": onnx_path, "mnn": mnn_path}
+
+
+def runner(form: Form, engine: str, threads: int, x: np.ndarray):
+    """A no-argument callable running one forward pass of `form` on `engine`."""
+    if engine == "torch":
+        xt = torch.from_numpy(x)
+
+        def run():
+            with torch.inference_mode():
+                return form.module(xt)
+        return run
+    predictor = runtime.load(form.files[engine], threads=threads)
+    return lambda: predictor.run(x)
+
+
+def check_outputs(forms: list[Form], engines, x: np.ndarray) -> dict:
+    """{engine: {tag: max |engine − torch| / max |torch|}}: a form that computes something else is not timed
+    as if it were the same network."""
+    errors = {}
+    for form in forms:
+        with torch.inference_mode():
+            ref = form.module(torch.from_numpy(x)).numpy()
+        scale = max(float(np.abs(ref).max()), 1e-30)
+        for engine in engines:
+            if engine != "torch":
+                out = next(iter(runner(form, engine, 1, x)().values()))
+                errors.setdefault(engine, {})[form.tag] = float(np.abs(out - ref).max()) / scale
+    return errors
+
+
+def time_forms(forms: list[Form], engine: str, threads: int, x: np.ndarray, iters: int, warmup: int,
+               budget_s: float | None = None) -> dict:
+    """summarize() rows per form tag, ratios to the first form (the baseline), all forms interleaved."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fns = {form.tag: runner(form, engine, threads, x) for form in forms}
+        times = interleaved(fns, iters=iters, warmup=warmup, max_seconds=budget_s)
+        return summarize(times, baseline=forms[0].tag)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def bench_model(model: str, engines, threads, iters: int, warmup: int, img_size: int | None = None,
+                cache: Path | None = None, calibrate: bool = False, only: set[str] | None = None,
+                budget_s: float | None = None, log=print) -> dict:
+    """One model's forms table: per engine, per thread count, per form tag: latency and ratio to baseline.
+    `budget_s` caps each (engine, threads) group's warm-up + rounds (see timing.interleaved)."""
+    clock = {"start": time.perf_counter()}
+    forms, skipped = build_forms(model, img_size, calibrate, only)
+    clock["build"] = time.perf_counter()
+    size = forms[0].meta["input_shape"][-1]
+    tmp = None
+    if cache is None:
+        tmp = cache = Path(tempfile.mkdtemp(prefix="edgeport-bench-"))
+    try:
+        if any(e != "torch" for e in engines):
+            fingerprint = code_fingerprint()
+            if tmp is None:
+                prune_cache(cache, keep=fingerprint)
+            for form in list(forms):
+                log(f"  export {model} {form.tag}")
+                try:
+                    export_form(form, Path(cache) / fingerprint / f"{model}-{size}" / form.tag)
+                except Exception as e:  # one broken form should not cost the others' numbers
+                    if form is forms[0]:
+                        raise
+                    skipped[form.tag] = f"export failed: {type(e).__name__}: {str(e).strip()[:200]}"
+                    forms.remove(form)
+        clock["export"] = time.perf_counter()
+        x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+        result = {
+            "family": forms[0].module.default_cfg["family"], "img_size": size, "baseline": forms[0].tag,
+            "forms": {f.tag: {"pconv": f.pconv, "mlp": f.mlp, "macs": f.macs,
+                              "params": sum(p.numel() for p in f.module.parameters())} for f in forms},
+            "skipped": skipped, "max_rel_err": check_outputs(forms, engines, x), "timings": {},
+        }
+        clock["check"] = time.perf_counter()
+        for t in threads:
+            for engine in engines:
+                log(f"  time {model} {engine} {t} thread{'s' * (t > 1)} ({len(forms)} forms × {iters})")
+                rows = time_forms(forms, engine, t, x, iters, warmup, budget_s)
+                result["timings"].setdefault(engine, {})[str(t)] = rows
+        clock["time"] = time.perf_counter()
+        stages = list(clock)
+        result["seconds"] = {b: round(clock[b] - clock[a], 1) for a, b in zip(stages, stages[1:])}
+        return result
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

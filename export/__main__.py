@@ -1,0 +1,95 @@
+"""`python -m export MODEL ...`: export a model to ONNX and MNN with a manifest and a parity report."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from models.errors import EdgeportError
+
+from . import mnn_convert, onnx_export
+from .pipeline import FORMATS, MLP_FORMS, PCONV_FORMS, ExportOptions, run_export
+
+EPILOG = """\
+defaults: fasternet_t0 at its configured size (224), batch 1, --pconv auto --mlp auto, all formats and
+precisions, opset 17 with the legacy (TorchScript) exporter, onnxsim, artifacts under ./artifacts.
+
+forms: "auto" reads benchmarks/results/recommendation.json when present, else uses the measured-fastest
+forms: --pconv split_cat (slicing exports as Slice+ScatterND and ran 14-19 % slower in ORT and MNN) and
+--mlp fc (the 1x1-conv MLP ran 47 % slower on MNN x86). The choice is recorded in the manifest.
+
+output: OUT/MODEL/FORM-TAG/{model.onnx, model.mnn, model.fp16.mnn, model.int8w.mnn, parity.json,
+manifest.json, report.md, export.log}; FORM-TAG is e.g. split_cat-fc, fc (no PConv), ...-features.
+Random-init models (no --weights) are first calibrated to realistic activations (seeded).
+
+exit status: 0 exported (parity passed or not run), 1 exported but the parity gate failed (artifacts kept,
+manifest status "failed"), 2 bad input or a failed step (previous artifacts untouched).
+"""
+
+
+def _csv(choices):
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{','.join(bad) or text!r}: choose from {','.join(choices)}")
+        return items
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", nargs="?", default="fasternet_t0", help="registered model (default fasternet_t0)")
+    p.add_argument("--weights", help="checkpoint (.pth/.pt/.safetensors; official, timm or our layout); "
+                   "default: seeded random init calibrated to realistic activations")
+    p.add_argument("--img-size", type=int, help="square input size (default: the model's, e.g. 224)")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    batch.add_argument("--dynamic-batch", action="store_true", help="batch axis left dynamic (-1)")
+    p.add_argument("--pconv", default="auto", choices=("auto", *PCONV_FORMS),
+                   help="FasterNet PConv form (default auto → split_cat)")
+    p.add_argument("--mlp", default="auto", choices=("auto", *MLP_FORMS),
+                   help="pointwise MLP / SE form (default auto → fc)")
+    p.add_argument("--formats", type=_csv(FORMATS), default=FORMATS, help="default onnx,mnn")
+    p.add_argument("--precision", type=_csv(mnn_convert.PRECISIONS), default=mnn_convert.PRECISIONS,
+                   help="MNN variants (default fp32,fp16,int8w)")
+    p.add_argument("--opset", type=int, default=onnx_export.DEFAULT_OPSET,
+                   help=f"ONNX opset (default {onnx_export.DEFAULT_OPSET})")
+    p.add_argument("--exporter", default="legacy", choices=onnx_export.EXPORTERS,
+                   help="legacy = TorchScript exporter (default); dynamo needs onnxscript")
+    p.add_argument("--simplifier", default="onnxsim", choices=onnx_export.SIMPLIFIERS, help="default onnxsim")
+    p.add_argument("--features-only", action="store_true", help="export the stage outputs feat_s4..feat_s32")
+    p.add_argument("--out", default="artifacts", help="output root (default artifacts/)")
+    p.add_argument("--no-parity", dest="parity", action="store_false", help="skip the parity gate")
+    p.add_argument("--seed", type=int, default=0, help="seed of random init and calibration (default 0)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show converter and library output")
+    return p
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = ExportOptions(model=args.model, weights=args.weights, img_size=args.img_size,
+                         batch=args.batch, dynamic_batch=args.dynamic_batch, pconv=args.pconv, mlp=args.mlp,
+                         formats=args.formats, precisions=args.precision, opset=args.opset,
+                         exporter=args.exporter, simplifier=args.simplifier,
+                         features_only=args.features_only, out=args.out, parity=args.parity, seed=args.seed,
+                         verbose=args.verbose)
+    try:
+        manifest = run_export(opts)
+    except EdgeportError as e:
+        print(f"export: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("export: interrupted; previous artifacts untouched", file=sys.stderr)
+        return 130
+    return 1 if manifest["status"] == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

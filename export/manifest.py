@@ -1,0 +1,106 @@
+"""manifest.json (machine-readable record of an export) and report.md (the same, for people)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from .source import sha256_file
+
+TOOLS = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "MNN", "numpy")
+MANIFEST, REPORT = "manifest.json", "report.md"
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    commit = _git_commit()
+    if commit:
+        versions["edgeport_git"] = commit
+    return versions
+
+
+def _git_commit() -> str | None:
+    """HEAD of the source checkout (+ "-dirty" with local changes): the code is part of what an export is."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        run = {"cwd": root, "capture_output": True, "text": True, "timeout": 10}
+        head = subprocess.run(["git", "rev-parse", "HEAD"], **run)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def file_entries(directory: Path, skip=(MANIFEST, REPORT)) -> dict[str, dict]:
+    """{name: {size, sha256}} for every file of the artifact directory, sorted by name."""
+    return {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name not in skip}
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _histogram_table(raw: dict, final: dict) -> list[str]:
+    ops = list(final) + [op for op in raw if op not in final]
+    rows = ["| op | exported | simplified |", "|---|---:|---:|"]
+    rows += [f"| {op} | {raw.get(op, 0)} | {final.get(op, 0)} |" for op in ops]
+    rows.append(f"| **total** | {sum(raw.values())} | {sum(final.values())} |")
+    return rows
+
+
+def render_report(manifest: dict, parity_markdown: str | None = None) -> str:
+    src, meta, onnx_info = manifest["source"], manifest["metadata"], manifest.get("onnx", {})
+    status = f"**Status: {manifest['status'].upper()}**"
+    if manifest.get("status_reason"):
+        status += f" — {manifest['status_reason']}"
+    lines = [f"# {src['model']} — {manifest['form_tag']}", "", status,
+             "", "## Source", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in src.items()]
+    lines += ["", "## Metadata (ONNX metadata_props `edgeport`; MNN bizCode with its precision)", "",
+              "| key | value |", "|---|---|"]
+    lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in meta.items()]
+    lines += ["", "## Files", "", "| file | size | sha256 |", "|---|---:|---|"]
+    lines += [f"| {name} | {_fmt_size(f['size'])} | `{f['sha256']}` |"
+              for name, f in manifest["files"].items()]
+    if onnx_info:
+        exp = manifest["export"]
+        lines += ["", f"## ONNX graph (opset {exp['opset']}, exporter {exp['exporter']}, "
+                  f"simplifier {exp['simplifier']})", ""]
+        lines += _histogram_table(onnx_info["op_histogram_exported"], onnx_info["op_histogram"])
+        lines += ["", "Lint: " + ("; ".join(onnx_info["lint"]) if onnx_info["lint"] else "clean")]
+    lines += ["", "## Parity", ""]
+    parity = manifest["parity"]
+    if parity.get("status") == "skipped":
+        lines.append(f"Skipped: {parity['reason']}")
+    else:
+        lines.append(parity_markdown or "")
+        if parity.get("breaches"):
+            lines += ["", "Breaches:", ""] + [f"- {b}" for b in parity["breaches"]]
+    lines += ["", "## Timings", "", "| step | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in manifest["timings_s"].items()]
+    lines += [f"| **total** | {manifest['total_s']:.2f} |", "", "## Tools", "",
+              ", ".join(f"{k} {v}" for k, v in manifest["tools"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_report(directory: Path, manifest: dict, parity_markdown: str | None = None) -> None:
+    tmp = Path(directory) / f"{REPORT}.tmp"
+    tmp.write_text(render_report(manifest, parity_markdown))
+    os.replace(tmp, Path(directory) / REPORT)

@@ -1,0 +1,112 @@
+"""ONNX → MNN through the converter linked into the MNN wheel (`_tools.mnnconvert`, in-process).
+
+Never MNN.tools / the mnnconvert console script: those wrappers pip-install a telemetry SDK and phone home.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+from models.errors import EdgeportError
+
+from ._console import redirect_fds
+
+PRECISIONS = ("fp32", "fp16", "int8w")
+FILENAMES = {"fp32": "model.mnn", "fp16": "model.fp16.mnn", "int8w": "model.int8w.mnn"}
+_PRECISION_ARGS = {"fp32": [], "fp16": ["--fp16"], "int8w": ["--weightQuantBits", "8"]}
+_NET_UUID_FIELD = 11  # Net.mnn_uuid: the 12th field of the root table in MNN's schema/default/MNN.fbs
+# The converter keeps a scratch file `.__convert_external_data.bin` in the working directory: two conversions
+# sharing a directory silently corrupt each other's weights. Each call gets its own directory, one at a time.
+_CWD_LOCK = threading.Lock()
+
+
+def convert(onnx_path, mnn_path, biz_code: str, precision: str = "fp32", log_path=None, verbose: bool = False,
+            gelu_approximation: bool = False) -> Path:
+    """Convert one precision variant; the result is byte-reproducible (see `make_uuid_deterministic`).
+
+    GELU stays exact (erf) unless `gelu_approximation`: the converter's default tanh approximation costs ~1e-3
+    relative error on realistic activations, above the parity gate.
+    """
+    mnn_path = Path(mnn_path).resolve()
+    onnx_path = Path(onnx_path).resolve()
+    argv = ["mnnconvert", "-f", "ONNX", "--modelFile", str(onnx_path), "--MNNModel", str(mnn_path),
+            "--bizCode", biz_code, "--useGeluApproximation", "1" if gelu_approximation else "0",
+            *_PRECISION_ARGS[precision]]
+    mnn_path.unlink(missing_ok=True)
+    log_path = Path(log_path or mnn_path.with_suffix(".log")).resolve()
+    with _CWD_LOCK, tempfile.TemporaryDirectory(prefix="mnnconvert-") as scratch, \
+            redirect_fds(log_path, enabled=not verbose):
+        cwd = os.getcwd()
+        os.chdir(scratch)
+        try:
+            import _tools  # the import itself prints "The device supports ..." from C
+
+            ok = _tools.mnnconvert(argv)
+        finally:
+            os.chdir(cwd)
+    # The converter reports success even when it wrote nothing (e.g. a missing input file) or could not read
+    # its own scratch file: check the output and the log.
+    wrote = mnn_path.is_file() and mnn_path.stat().st_size > 0
+    if not ok or not wrote or _log_says(log_path, "Can't open file"):
+        raise EdgeportError(f"MNN converter produced no {precision} model ({_last_line(log_path)})")
+    make_uuid_deterministic(mnn_path)
+    return mnn_path
+
+
+def _log_says(log_path, text: str) -> bool:
+    try:
+        return text in Path(log_path).read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def _last_line(log_path) -> str:
+    try:
+        lines = [ln.strip() for ln in Path(log_path).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no converter log"
+    return f"converter said: {lines[-1]}" if lines else "converter printed nothing"
+
+
+def _uuid_span(buf: bytes) -> tuple[int, int] | None:
+    """(offset, length) of the Net.mnn_uuid string in a flatbuffer, or None when the field is absent."""
+    root = struct.unpack_from("<I", buf, 0)[0]
+    vtable = root - struct.unpack_from("<i", buf, root)[0]
+    slot = 4 + 2 * _NET_UUID_FIELD
+    if slot >= struct.unpack_from("<H", buf, vtable)[0]:
+        return None
+    field = struct.unpack_from("<H", buf, vtable + slot)[0]
+    if field == 0:
+        return None
+    pos = root + field
+    start = pos + struct.unpack_from("<I", buf, pos)[0]
+    return start + 4, struct.unpack_from("<I", buf, start)[0]
+
+
+def make_uuid_deterministic(mnn_path) -> None:
+    """Replace the converter's random uuid4 (std::random_device, no flag to fix it) by one derived from the
+    file's own content, in place and with the same length, so identical inputs give identical bytes."""
+    path = Path(mnn_path)
+    buf = bytearray(path.read_bytes())
+    span = _uuid_span(buf)
+    if span is None:
+        return
+    start, length = span
+    buf[start:start + length] = b"0" * length
+    digest = hashlib.sha256(buf).digest()
+    new = str(uuid.UUID(bytes=digest[:16], version=4)).encode()[:length].ljust(length, b"0")
+    buf[start:start + length] = new
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf)
+    tmp.replace(path)
+
+
+def read_uuid(mnn_path) -> str | None:
+    buf = Path(mnn_path).read_bytes()
+    span = _uuid_span(buf)
+    return None if span is None else buf[span[0]:span[0] + span[1]].decode()

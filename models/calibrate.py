@@ -1,0 +1,135 @@
+"""Make a random-init model behave like a trained one numerically, so parity checks mean something.
+
+A freshly initialised model has identity BN statistics, norm affines of 1/0, zero biases, layer scales of 1e-6
+(blocks ≈ identity) and a head of std ~0.02 (logits ≈ 1e-2): export errors hide under all of those.
+Every function returns a new eval-mode model and leaves its input untouched.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import EdgeportError
+
+_NORMS = (_BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def make_realistic(model: nn.Module, batches, target_std: float = 3.0, seed: int = 0) -> nn.Module:
+    """`randomize_affine` → `calibrate_bn` → `scale_head`, on one copy.
+
+    LayerNorm-only families (ConvNeXt) have no statistics to calibrate: their blocks only do something once
+    the layer scales (init 1e-6) and norm affines are non-trivial, hence the seeded random values. BN affines
+    and conv / linear biases are randomised too, so a fold that ignores one of them cannot pass by chance."""
+    model = copy.deepcopy(model).eval()
+    xs = _batches(batches)
+    _randomize_affine_(model, seed)
+    _calibrate_bn_(model, xs)
+    _scale_head_(model, xs, target_std)
+    return model
+
+
+def randomize_affine(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded trained-looking values for every norm's weight (U[0.5, 1.5]) and bias (N(0, 0.1)), every conv /
+    linear bias (N(0, 0.05)) and every layer scale (a 1-D parameter named `gamma` or `layer_scale*`:
+    ±U[0.2, 0.8])."""
+    model = copy.deepcopy(model).eval()
+    _randomize_affine_(model, seed)
+    return model
+
+
+def calibrate_bn(model: nn.Module, batches) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics as the cumulative average over `batches` (BN layers in
+    train mode with momentum=None, everything else — dropout, drop-path — in eval). Returns an eval model."""
+    model = copy.deepcopy(model).eval()
+    _calibrate_bn_(model, _batches(batches))
+    return model
+
+
+def scale_head(model: nn.Module, batches, target_std: float = 3.0) -> nn.Module:
+    """Rescale the classifier (the last nn.Linear whose output is the model's output) so the logits' std over
+    `batches` is `target_std`. Exact: scaling the final affine layer scales the logits. No-op for
+    features_only models."""
+    model = copy.deepcopy(model).eval()
+    _scale_head_(model, _batches(batches), target_std)
+    return model
+
+
+@torch.no_grad()
+def _randomize_affine_(model, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def fill(p, draw):
+        p.copy_(draw(torch.empty(p.shape)))
+
+    for m in model.modules():
+        if isinstance(m, _NORMS) and m.weight is not None:
+            fill(m.weight, lambda t: t.uniform_(0.5, 1.5, generator=g))
+            fill(m.bias, lambda t: t.normal_(0.0, 0.1, generator=g))
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            fill(m.bias, lambda t: t.normal_(0.0, 0.05, generator=g))
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "gamma" or leaf.startswith("layer_scale"):
+            sign = torch.randint(0, 2, p.shape, generator=g) * 2 - 1
+            p.copy_(torch.empty(p.shape).uniform_(0.2, 0.8, generator=g) * sign)
+
+
+@torch.no_grad()
+def _calibrate_bn_(model, xs):
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    if bns:
+        for x in xs:
+            model(x)
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    model.eval()
+
+
+@torch.no_grad()
+def _scale_head_(model, xs, target_std):
+    if getattr(model, "features_only", False):
+        return
+    head, first = _find_head(model, xs[0])
+    logits = torch.cat([first.double().flatten()] + [model(x).double().flatten() for x in xs[1:]])
+    std = logits.std().item()
+    if not std > 0 or not np.isfinite(std):
+        raise EdgeportError(f"scale_head: logits have std {std} over the batches; cannot rescale the head")
+    head.weight.mul_(target_std / std)
+    if head.bias is not None:
+        head.bias.mul_(target_std / std)
+
+
+def _find_head(model, x) -> tuple[nn.Linear, torch.Tensor]:
+    outputs = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: outputs.append((mod, out)))
+             for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if isinstance(logits, torch.Tensor):
+        for mod, out in reversed(outputs):
+            if out is logits or (out.numel() == logits.numel()
+                                 and torch.equal(out.reshape(logits.shape), logits)):
+                return mod, logits
+    raise EdgeportError("scale_head: no nn.Linear produces the model's output; is it a classifier "
+                        "(features_only models need no head scaling)?")
+
+
+def _batches(batches) -> list[torch.Tensor]:
+    if isinstance(batches, (torch.Tensor, np.ndarray)):
+        batches = [batches]
+    out = [torch.as_tensor(b, dtype=torch.float32) for b in batches]
+    if not out:
+        raise EdgeportError("calibration needs at least one batch of inputs")
+    return out

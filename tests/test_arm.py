@@ -1,0 +1,89 @@
+"""MNN's aarch64 kernels under qemu-user: parity gates and instruction counts (needs `make arm-setup`).
+
+Run with: .venv/bin/python -m pytest tests/test_arm.py -m arm   (`make test` skips these)."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.arm.run import arm_env
+
+_MISSING = arm_env().missing()
+pytestmark = [pytest.mark.arm,
+              pytest.mark.skipif(bool(_MISSING), reason=f"ARM environment not built ({_MISSING}); "
+                                                        "run `make arm-setup`")]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from benchmarks.arm.tiny import make_tiny_artifacts
+
+    return make_tiny_artifacts(str(tmp_path_factory.mktemp("arm")), forms=[("split_cat", "fc")])[0]
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_dir):
+    from benchmarks.arm.parity import read_metadata
+    from export.inputs import sample_batch
+
+    return sample_batch(read_metadata(Path(tiny_dir)), n_images=2, n_random=1)
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_dir, inputs):
+    """Guest outputs of model.mnn by (cpu, precision), run once per module."""
+    from benchmarks.arm import run_mnn_arm
+
+    cache = {}
+
+    def get(cpu, precision):
+        if (cpu, precision) not in cache:
+            cache[cpu, precision] = run_mnn_arm(os.path.join(tiny_dir, "model.mnn"), inputs, cpu, precision)
+        return cache[cpu, precision]
+
+    return get
+
+
+def test_instruction_counts_repeat_exactly(tiny_dir, inputs):
+    from benchmarks.arm import count_instructions
+
+    model = os.path.join(tiny_dir, "model.mnn")
+    first = count_instructions(model, inputs, "cortex-a53")
+    second = count_instructions(model, inputs, "cortex-a53")
+    assert first == second
+    assert first["total"] == first["load_store"] + first["simd_fp"] + first["other"]
+    assert min(first.values()) > 0
+
+
+def test_fp32_parity_passes(tiny_dir):
+    from benchmarks.arm.parity import FP32_GATE, check_dir
+
+    report = check_dir(tiny_dir, cpus=["cortex-a53"], precisions=["normal"], files=["model.mnn"],
+                       n_images=2, n_random=1, log=lambda s: None)
+    (row,) = report["rows"]
+    assert row["gate_kind"] == "fp32" and row["compute"] == "fp32"
+    assert row["rel_err"] <= FP32_GATE and row["top1_agreement"] == 1.0
+    assert report["passed"]
+    with open(os.path.join(tiny_dir, "arm_parity.json")) as f:
+        assert json.load(f)["passed"] is True
+
+
+def test_too_tight_fp16_gate_fails(tiny_dir):
+    from benchmarks.arm.parity import FP16_GATE, check_dir
+
+    report = check_dir(tiny_dir, cpus=["neoverse-n1"], precisions=["low"], files=["model.mnn"],
+                       fp16_gate=1e-7, n_images=2, n_random=1, log=lambda s: None)
+    (row,) = report["rows"]
+    assert row["compute"] == "fp16", "neoverse-n1 should take MNN's fp16 path at precision low"
+    assert not row["passed"] and not report["passed"]
+    assert row["rel_err"] <= FP16_GATE, "the default fp16 gate should pass on the same outputs"
+
+
+def test_cortex_a53_precision_low_is_fp32(outputs):
+    low, normal = outputs("cortex-a53", "low"), outputs("cortex-a53", "normal")
+    assert all(np.array_equal(low[k], normal[k]) for k in normal), "ARMv8.0 has no fp16 arithmetic path"
+    # The same comparison does see fp16 where it exists, so the equality above is not vacuous.
+    n1_low, n1_normal = outputs("neoverse-n1", "low"), outputs("neoverse-n1", "normal")
+    assert not all(np.array_equal(n1_low[k], n1_normal[k]) for k in n1_normal)

@@ -1,0 +1,212 @@
+"""Benchmarks: interleaved timing and ratios on a fake clock, the recommendation file export reads, the seed
+verdicts, and one real quick run of the harness (tiny input, two forms, two rounds). No timing thresholds."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import report, timing
+from benchmarks.__main__ import main
+from export import pipeline
+
+ROW_KEYS = {"median_ms", "p10_ms", "p90_ms", "iters", "ratio", "ratio_p10", "ratio_p90", "gflops_per_s",
+            "roof_fraction"}
+
+
+class FakeClock:
+    """time.perf_counter that only moves when a fake workload 'runs' for a set duration."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def work(self, seconds, log=None, name=None):
+        def run():
+            if log is not None:
+                log.append(name)
+            self.now += seconds
+        return run
+
+
+def test_interleaved_rotates_order_each_round(monkeypatch):
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    fns = {n: clock.work(1.0, calls, n) for n in "abc"}
+    times = timing.interleaved(fns, iters=3, warmup=1)
+    rounds = [calls[i:i + 3] for i in range(3, 12, 3)]  # the first 3 calls are the warm-up
+    assert rounds == [list("abc"), list("bca"), list("cab")]
+    assert all(len(t) == 3 for t in times.values())
+
+
+def test_interleaved_budget_cuts_warmup_and_rounds(monkeypatch):
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    fns = {n: clock.work(1.0, calls, n) for n in "ab"}
+    times = timing.interleaved(fns, iters=20, warmup=3, max_seconds=5.0, min_iters=3)
+    # one warm-up round (2 s > a quarter of 5 s), then rounds until 5 s are spent but at least 3
+    assert len(calls) == 2 + 3 * 2
+    assert all(len(t) == 3 for t in times.values())
+    assert len(timing.interleaved(fns, iters=4, warmup=1)["a"]) == 4  # no budget: every round
+
+
+def test_summarize_pairs_each_round_with_the_baseline(monkeypatch):
+    """Machine load that changes 10× between rounds cancels in the per-round ratio: exactly 2, no spread."""
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+
+    def workload(ms):
+        def run():
+            drift = 10.0 if (len(calls) // 2) % 2 else 1.0  # two calls per round
+            calls.append(ms)
+            clock.now += ms * drift * 1e-3
+        return run
+    times = timing.interleaved({"base": workload(1.0), "other": workload(2.0)}, iters=6, warmup=0)
+    stats = timing.summarize(times, baseline="base")
+    assert stats["base"]["ratio"] == stats["base"]["ratio_p10"] == stats["base"]["ratio_p90"] == 1.0
+    assert stats["other"]["ratio_p10"] == pytest.approx(2.0) == stats["other"]["ratio_p90"]
+    assert stats["base"]["p10_ms"] == pytest.approx(1.0) and stats["base"]["p90_ms"] == pytest.approx(10.0)
+    assert stats["other"]["median_ms"] == pytest.approx(1e3 * float(np.median(times["other"])))
+
+
+def test_summarize_ratio_is_per_round_not_of_medians():
+    times = {"base": np.array([1.0, 10.0, 1.0]), "x": np.array([2.0, 20.0, 2.0])}
+    stats = timing.summarize(times, baseline="base")
+    assert stats["x"]["ratio"] == stats["x"]["ratio_p10"] == stats["x"]["ratio_p90"] == pytest.approx(2.0)
+
+
+def _rows(ratios: dict[str, tuple[float, float, float]], base_ms=10.0) -> dict:
+    return {tag: {"median_ms": base_ms * r, "p10_ms": base_ms * lo, "p90_ms": base_ms * hi, "iters": 5,
+                  "ratio": r, "ratio_p10": lo, "ratio_p90": hi} for tag, (r, lo, hi) in ratios.items()}
+
+
+def _fake_results(fasternet_mnn: dict, convnext_mnn: dict) -> dict:
+    forms_fn = {"split_cat-fc": ("split_cat", "fc"), "slicing-conv": ("slicing", "conv"),
+                "fused-fc": ("fused", "fc")}
+    return {
+        "host": {"date": "d", "host": "h", "cpu": "c"},
+        "models": {
+            "fasternet_t0": {"family": "fasternet", "baseline": "split_cat-fc",
+                             "forms": {t: {"pconv": p, "mlp": m, "macs": 1}
+                                       for t, (p, m) in forms_fn.items()},
+                             "timings": {"mnn": {"1": fasternet_mnn}}},
+            "inception_next_atto": {"family": "inceptionnext", "baseline": "fc",
+                                    "forms": {"fc": {"pconv": None, "mlp": "fc", "macs": 1},
+                                              "conv": {"pconv": None, "mlp": "conv", "macs": 1}},
+                                    "timings": {"mnn": {"1": convnext_mnn}}},
+        },
+    }
+
+
+def test_recommendation_is_what_export_resolve_forms_reads(tmp_path):
+    results = _fake_results(
+        _rows({"split_cat-fc": (1, 1, 1), "slicing-conv": (0.8, 0.7, 0.9), "fused-fc": (1.2, 1.1, 1.3)}),
+        _rows({"fc": (1, 1, 1), "conv": (0.7, 0.6, 0.8)}))
+    rec = report.recommend(results)
+    path = tmp_path / "recommendation.json"
+    path.write_text(json.dumps(rec))
+    pconv, mlp, note = pipeline.resolve_forms("fasternet_t0", "auto", "auto", path=path)
+    assert (pconv, mlp) == ("slicing", "conv") and "recommendation" in note
+    # an alias of a measured model gets its entry; a model of an unmeasured family gets the top level
+    assert rec["by_model"]["inceptionnext_atto"] == rec["by_model"]["inception_next_atto"] == {"mlp": "conv"}
+    assert pipeline.resolve_forms("convnext_atto", "auto", "auto", path=path)[:2] == ("slicing", "conv")
+    assert rec["by_family"]["inceptionnext"] == {"mlp": "conv"}
+    assert rec["by_engine"]["fasternet_t0"]["mnn"]["1"]["fastest"] == "slicing-conv"
+
+
+def test_recommendation_keeps_the_baseline_when_the_win_is_noise():
+    results = _fake_results(
+        _rows({"split_cat-fc": (1, 1, 1), "slicing-conv": (0.97, 0.9, 1.04), "fused-fc": (1.2, 1.1, 1.3)}),
+        _rows({"fc": (1, 1, 1), "conv": (1.3, 1.2, 1.4)}))
+    rec = report.recommend(results)
+    assert rec["by_model"]["fasternet_t0"] == {"pconv": "split_cat", "mlp": "fc"}
+    assert rec["basis"]["fasternet_t0"]["fastest_clearly"] is False
+    assert rec["by_engine"]["fasternet_t0"]["mnn"]["1"]["fastest"] == "slicing-conv"  # the raw measurement
+    assert rec["by_model"]["inception_next_atto"] == {"mlp": "fc"}
+
+
+def test_recommendation_ignores_a_consistent_but_tiny_win():
+    results = _fake_results(_rows({"split_cat-fc": (1, 1, 1), "slicing-conv": (0.98, 0.96, 0.99)}),
+                            _rows({"fc": (1, 1, 1), "conv": (0.96, 0.94, 0.98)}))
+    rec = report.recommend(results)
+    assert rec["by_model"]["fasternet_t0"] == {"pconv": "split_cat", "mlp": "fc"}
+    assert rec["by_model"]["inception_next_atto"] == {"mlp": "conv"}
+
+
+@pytest.mark.parametrize("ratios, verdict", [((0.85, 0.8, 0.9), "holds"),
+                                             ((0.95, 0.93, 0.97), "direction only: conv 5 % faster"),
+                                             ((1.2, 1.1, 1.3), "does not hold: conv 20 % slower"),
+                                             ((1.0, 0.9, 1.1), "does not hold: no difference")])
+def test_seed003_verdict_follows_the_conv_over_fc_spread(ratios, verdict):
+    results = {"models": {"convnext_atto": {"family": "convnext", "timings": {
+        "mnn": {"1": _rows({"fc": (1, 1, 1), "conv": ratios})}}}}}
+    here = report.seed003(results)["here"]["1"]
+    assert here["verdict"].startswith(verdict)
+    assert here["conv_ms"] == pytest.approx(10 * ratios[0])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out, printed = tmp_path_factory.mktemp("bench"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["--quick", "--models", "fasternet_t0", "--forms", "slicing-conv", "--threads", "1",
+                   "--out", str(out), "--cache", "none"])
+    return rc, out, printed.getvalue()
+
+
+def test_quick_run_writes_results_report_plots_and_recommendation(quick_run):
+    rc, out, _ = quick_run
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    for key in ("host", "versions", "settings", "roofline", "models", "operators", "seed_checks", "loadavg"):
+        assert key in results
+    r = results["models"]["fasternet_t0"]
+    assert r["baseline"] == "split_cat-fc" and list(r["forms"]) == ["split_cat-fc", "slicing-conv"]
+    assert r["img_size"] == 64
+    for engine in ("torch", "ort", "mnn"):
+        rows = r["timings"][engine]["1"]
+        assert set(rows) == set(r["forms"])
+        assert all(ROW_KEYS <= set(row) for row in rows.values())
+        assert rows["split_cat-fc"]["ratio"] == 1.0 and rows["slicing-conv"]["iters"] == 2
+    # the exported artifacts compute what PyTorch computes (else their timings mean nothing)
+    assert all(err < 1e-3 for errs in r["max_rel_err"].values() for err in errs.values())
+    assert r["forms"]["slicing-conv"]["macs"] > 0
+    assert results["operators"]["1"] and results["seed_checks"]["seed000"]
+    md = (out / "report.md").read_text()
+    assert "## Forms" in md and "`slicing-conv`" in md and "## Roofline" in md and "Seed 000" in md
+    for png in ("latency.png", "flops_latency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rec = json.loads((out / "recommendation.json").read_text())
+    pconv, mlp, _ = pipeline.resolve_forms("fasternet_t0", "auto", "auto", path=out / "recommendation.json")
+    assert {"pconv": pconv, "mlp": mlp} == rec["by_model"]["fasternet_t0"]
+    assert rec["basis"]["fasternet_t0"]["engine"] == "mnn"
+
+
+def test_quick_run_prints_the_tables(quick_run):
+    _, out, printed = quick_run
+    assert "| `slicing-conv` |" in printed and "| shape | op |" in printed
+    assert printed.strip() == (out / "report.md").read_text().strip()
+
+
+def test_from_results_rewrites_outputs_without_measuring(quick_run, tmp_path):
+    _, out, _ = quick_run
+    assert main(["--from-results", str(out / "results.json"), "--out", str(tmp_path)]) == 0
+    for name in ("results.json", "report.md", "recommendation.json", "latency.png", "flops_latency.png"):
+        assert (tmp_path / name).is_file()
+    assert json.loads((tmp_path / "recommendation.json").read_text())["by_model"] == \
+        json.loads((out / "recommendation.json").read_text())["by_model"]
+
+
+@pytest.mark.parametrize("argv, message", [(["--engines", "tensorrt"], "unknown --engines tensorrt"),
+                                           (["--models", "resnet50"], "unknown model 'resnet50'"),
+                                           (["--threads", "two"], "--threads two")])
+def test_cli_errors_are_one_line_exit_2(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not list(tmp_path.iterdir())
