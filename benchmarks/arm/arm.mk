@@ -18,3 +18,12 @@ arm: arm-setup
 
 arm-cost: arm-setup
 	$(PY) -m benchmarks.arm.cost --cache $(ARM_CACHE) $(ARM_MODELS) $(ARM_COST_ARGS)
+
+# CI's ARM check: export the two GELU models, run the fp32 (cortex-a53) and fp16 (neoverse-n1, precision low)
+# parity matrix under emulation, then the @arm tests.
+ARM_CI_MODELS ?= fasternet_t0 convnext_atto
+.PHONY: arm-ci
+arm-ci: arm-setup
+	@for m in $(ARM_CI_MODELS); do $(PY) -m export $$m --out $(OUT) || exit $$?; done
+	$(PY) -m benchmarks.arm.parity --cache $(ARM_CACHE) --quick $(foreach m,$(ARM_CI_MODELS),$(OUT)/$(m)/*/)
+	$(PY) -m pytest -q -m arm tests/test_arm.py
