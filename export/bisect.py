@@ -11,32 +11,16 @@ PyTorch inference form (`bisect_torch`): forward hooks on modules present under 
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import time
 
 import numpy as np
+
+from runtime.engines import stdout_silenced
 
 from .metrics import max_rel
 
 ONSET_FRACTION = 0.1  # "onset" = the first probe whose error exceeds this fraction of the gate
 MNN_PRECISION = {"mnn_fp32": "normal", "mnn_fp16w": "normal", "mnn_int8w": "normal", "mnn_low": "low"}
-
-
-@contextlib.contextmanager
-def silence_stdout():
-    """MNN prints from C code; redirect the file descriptor, not just sys.stdout."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 1)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
 
 
 def probe_candidates(model) -> list[dict]:
@@ -105,7 +89,7 @@ def _ort_run(model_bytes: bytes, input_name, xs, names, optimize: bool) -> dict:
 
 def mnn_tensor_ops(mnn_path) -> dict[str, str]:
     """Tensor name → MNN op type (e.g. 'GELU_STANDARD', 'Convolution') of every tensor in an .mnn file."""
-    with silence_stdout():
+    with stdout_silenced():
         import MNN
 
         return {name: var.op_type for name, var in MNN.expr.load_as_dict(str(mnn_path)).items()}
@@ -113,7 +97,7 @@ def mnn_tensor_ops(mnn_path) -> dict[str, str]:
 
 def _mnn_run(mnn_path, input_name, xs, names, precision: str) -> dict:
     """Run the .mnn file itself, reading internal tensors by name: the artifact is probed as shipped."""
-    with silence_stdout():
+    with stdout_silenced():
         import MNN
 
         rt = MNN.nn.create_runtime_manager(({"backend": "CPU", "numThread": 1, "precision": precision},))

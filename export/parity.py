@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import EdgeportError
+from runtime.engines import stdout_silenced
 
-from .bisect import silence_stdout
 from .inputs import sample_batch
 from .metrics import LOWER_BOUNDED, check_gates, compare, max_rel, validate_gates
 
@@ -114,7 +114,7 @@ def _runtime_outputs(path: Path, backend: str, precision: str, x: np.ndarray, na
     """Run an artifact through the torch-free runtime, in batches of its fixed batch size (padded)."""
     import runtime
 
-    with silence_stdout():  # MNN prints "MNN use low precision" from C
+    with stdout_silenced():  # MNN prints "MNN use low precision" from C
         predictor = runtime.load(path, backend=backend, threads=1, precision=precision)
     shape = predictor.meta.get("input_shape") or predictor.input_shape or [-1]
     batch = shape[0] if shape[0] > 0 else 4
@@ -124,7 +124,7 @@ def _runtime_outputs(path: Path, backend: str, precision: str, x: np.ndarray, na
         n = len(xb)
         if shape[0] > 0 and n < batch:
             xb = np.concatenate([xb, np.zeros((batch - n, *xb.shape[1:]), np.float32)])
-        with silence_stdout():
+        with stdout_silenced():
             out = predictor.run(np.ascontiguousarray(xb), check_finite=False)
         parts.append({k: v[:n] for k, v in out.items()})
     missing = [n for n in names if n not in parts[0]]

@@ -13,7 +13,6 @@ a gate fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import json
 import os
@@ -24,26 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import EdgeportError
+from runtime.engines import stdout_silenced
 
 from .run import PRECISIONS, guest_infer, versions
 
 FP32_GATE, FP16_GATE = 1e-4, 3e-2
 DEFAULT_CPUS = ("cortex-a53", "neoverse-n1")  # ARMv8.0 (no fp16 arithmetic), ARMv8.2 (fp16, dotprod)
 QUICK_CONFIGS = (("cortex-a53", "normal"), ("neoverse-n1", "low"))
-
-
-@contextlib.contextmanager
-def quiet_stdout():
-    """MNN prints from C code at import and load: silence fd 1 itself."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 1)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
 
 
 def read_metadata(artifact_dir: Path) -> dict:
@@ -65,7 +51,7 @@ def read_metadata(artifact_dir: Path) -> dict:
 
 
 def mnn_info(path: Path) -> dict:
-    with quiet_stdout():
+    with stdout_silenced():
         import MNN
 
         return MNN.nn.load_module_from_file(str(path), [], []).get_info()
@@ -82,7 +68,7 @@ def onnx_reference(onnx_path: Path, x: np.ndarray, output_names: list[str]) -> d
 
 def mnn_host_reference(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     """The same .mnn on host (x86) MNN, fp32, batch 1 per sample."""
-    with quiet_stdout():
+    with stdout_silenced():
         import MNN
 
         F = MNN.expr
