@@ -121,7 +121,7 @@ def test_recommendation_is_what_export_resolve_forms_reads(tmp_path):
 
 def test_recommendation_keeps_the_baseline_when_the_win_is_noise():
     results = _fake_results(
-        _rows({"split_cat-fc": (1, 1, 1), "slicing-conv": (0.97, 0.9, 1.04), "fused-fc": (1.2, 1.1, 1.3)}),
+        _rows({"split_cat-fc": (1, 1, 1), "slicing-conv": (0.995, 0.9, 1.04), "fused-fc": (1.2, 1.1, 1.3)}),
         _rows({"fc": (1, 1, 1), "conv": (1.3, 1.2, 1.4)}))
     rec = report.recommend(results)
     assert rec["by_model"]["fasternet_t0"] == {"pconv": "split_cat", "mlp": "fc"}
@@ -131,8 +131,8 @@ def test_recommendation_keeps_the_baseline_when_the_win_is_noise():
 
 
 def test_recommendation_ignores_a_consistent_but_tiny_win():
-    results = _fake_results(_rows({"split_cat-fc": (1, 1, 1), "slicing-conv": (0.98, 0.96, 0.99)}),
-                            _rows({"fc": (1, 1, 1), "conv": (0.96, 0.94, 0.98)}))
+    results = _fake_results(_rows({"split_cat-fc": (1, 1, 1), "slicing-conv": (0.995, 0.99, 0.999)}),
+                            _rows({"fc": (1, 1, 1), "conv": (0.98, 0.94, 1.02)}))
     rec = report.recommend(results)
     assert rec["by_model"]["fasternet_t0"] == {"pconv": "split_cat", "mlp": "fc"}
     assert rec["by_model"]["inception_next_atto"] == {"mlp": "conv"}

@@ -232,6 +232,9 @@ def test_unwritable_out_dir(tmp_path, capsys):
     assert "cannot write to --out" in _one_line_error(capsys)
 
 
+FORMS = ("--pconv", "split_cat", "--mlp", "fc")  # fixed, whatever benchmarks/results/recommendation.json says
+
+
 def _previous_artifacts(out):
     dest = out / "fasternet_t0" / "split_cat-fc"
     dest.mkdir(parents=True)
@@ -246,7 +249,7 @@ def test_failing_converter_leaves_previous_artifacts_untouched(tmp_path, capsys,
     monkeypatch.setattr(_tools, "mnnconvert", lambda argv: True)  # "succeeds" but writes nothing
     dest = _previous_artifacts(tmp_path)
     before = {p.name: p.read_bytes() for p in dest.iterdir()}
-    assert main(["fasternet_t0", "--img-size", "64", "--out", str(tmp_path), "--no-parity"]) == 2
+    assert main(["fasternet_t0", "--img-size", "64", "--out", str(tmp_path), "--no-parity", *FORMS]) == 2
     assert "MNN converter produced no fp32 model" in _one_line_error(capsys)
     assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
     assert [p.name for p in dest.parent.iterdir()] == ["split_cat-fc"]  # no build dir left behind
@@ -260,7 +263,7 @@ def test_parity_breach_exits_1_and_keeps_artifacts_marked_failed(tmp_path, capsy
 
     monkeypatch.setattr(pipeline, "_parity_function", lambda: (failing_parity, None))
     dest = _previous_artifacts(tmp_path)
-    assert main(["fasternet_t0", "--img-size", "64", "--out", str(tmp_path), "--precision", "fp32"]) == 1
+    assert main(["fasternet_t0", "--img-size", "64", "--out", str(tmp_path), "--precision", "fp32", *FORMS]) == 1
     manifest = json.loads((dest / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "max_rel 2e-04" in manifest["status_reason"]
     assert (dest / "model.onnx").read_bytes() != b"previous good export"
@@ -271,7 +274,7 @@ def test_parity_breach_exits_1_and_keeps_artifacts_marked_failed(tmp_path, capsy
 def test_missing_parity_gate_is_visible_and_marks_unchecked(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "_parity_function", lambda: (None, "export/parity.py not found"))
     argv = ["fasternet_t0", "--img-size", "64", "--out", str(tmp_path), "--features-only", "--dynamic-batch",
-            "--formats", "onnx", "--pconv", "slicing"]
+            "--formats", "onnx", "--pconv", "slicing", "--mlp", "fc"]
     assert main(argv) == 0
     dest = tmp_path / "fasternet_t0" / "slicing-fc-features"
     manifest = json.loads((dest / "manifest.json").read_text())

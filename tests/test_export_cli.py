@@ -47,7 +47,8 @@ def _run_export(tmp: Path, out: Path, *args: str) -> subprocess.CompletedProcess
     env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}",
            "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
            "EDGEPORT_NET_MARKER": str(tmp / "net_used")}
-    argv = [sys.executable, "-m", "export", "fasternet_t0", "--img-size", "64", "--out", str(out), *args]
+    argv = [sys.executable, "-m", "export", "fasternet_t0", "--img-size", "64", "--out", str(out),
+            "--pconv", "split_cat", "--mlp", "fc", *args]
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
