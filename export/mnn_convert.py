@@ -1,6 +1,7 @@
 """ONNX → MNN through the converter linked into the MNN wheel (`_tools.mnnconvert`, in-process).
 
-Never MNN.tools / the mnnconvert console script: those wrappers pip-install a telemetry SDK and phone home.
+Never the Python tool wrappers shipped in the MNN package (its console script and tools modules): they
+pip-install a telemetry SDK and phone home at import.
 """
 from __future__ import annotations
 
@@ -34,12 +35,12 @@ def convert(onnx_path, mnn_path, biz_code: str, precision: str = "fp32", log_pat
     """
     mnn_path = Path(mnn_path).resolve()
     onnx_path = Path(onnx_path).resolve()
-    argv = ["mnnconvert", "-f", "ONNX", "--modelFile", str(onnx_path), "--MNNModel", str(mnn_path),
+    argv = ["MNNConvert", "-f", "ONNX", "--modelFile", str(onnx_path), "--MNNModel", str(mnn_path),
             "--bizCode", biz_code, "--useGeluApproximation", "1" if gelu_approximation else "0",
             *_PRECISION_ARGS[precision]]
     mnn_path.unlink(missing_ok=True)
     log_path = Path(log_path or mnn_path.with_suffix(".log")).resolve()
-    with _CWD_LOCK, tempfile.TemporaryDirectory(prefix="mnnconvert-") as scratch, \
+    with _CWD_LOCK, tempfile.TemporaryDirectory(prefix="mnn-convert-") as scratch, \
             redirect_fds(log_path, enabled=not verbose):
         cwd = os.getcwd()
         os.chdir(scratch)

@@ -244,9 +244,7 @@ def _previous_artifacts(out):
 
 
 def test_failing_converter_leaves_previous_artifacts_untouched(tmp_path, capsys, monkeypatch):
-    import _tools
-
-    monkeypatch.setattr(_tools, "mnnconvert", lambda argv: True)  # "succeeds" but writes nothing
+    monkeypatch.setattr("_tools.mnnconvert", lambda argv: True)  # "succeeds" but writes nothing
     dest = _previous_artifacts(tmp_path)
     before = {p.name: p.read_bytes() for p in dest.iterdir()}
     assert main(["fasternet_t0", "--img-size", "64", "--out", str(tmp_path), "--no-parity", *FORMS]) == 2
