@@ -13,7 +13,7 @@ from torch import nn
 
 from ._registry import ModelCfg, register_checkpoint_converter, register_model
 from .errors import EdgeportError
-from .layers import DropPath, LayerNorm2d, PointwiseMlp
+from .layers import DropPath, LayerNorm2d, PointwiseMlp, init_trunc_normal, stage_outputs
 
 __all__ = ["ConvNeXt", "ConvNeXtBlock"]
 
@@ -78,24 +78,13 @@ class ConvNeXt(nn.Module):
         self.features_only = features_only
         self.feature_channels = list(dims)
         self.head = None if features_only else ClassifierHead(dims[-1], num_classes)
-        self.apply(_init_weights)
+        self.apply(init_trunc_normal)
 
     def forward(self, x):
         x = self.stem(x)
         if self.features_only:
-            features = []
-            for stage in self.stages:
-                x = stage(x)
-                features.append(x)
-            return features
+            return stage_outputs(self.stages, x)
         return self.head(self.stages(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 _ARCHS = {

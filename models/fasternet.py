@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._registry import ModelCfg, register_checkpoint_converter, register_model
-from .layers import ConvNormAct, DropPath, PartialConv, PointwiseMlp
+from .layers import ConvNormAct, DropPath, PartialConv, PointwiseMlp, init_trunc_normal
 
 __all__ = ["FasterNet", "FasterNetBlock", "FasterNetStage", "FasterNetHead"]
 
@@ -90,7 +90,7 @@ class FasterNet(nn.Module):
         else:
             self.num_classes = num_classes
             self.head = FasterNetHead(dims[-1], feature_dim, num_classes, act)
-        self.apply(_init_weights)
+        self.apply(init_trunc_normal)
 
     def forward_features(self, x):
         return self.stages(self.patch_embed(x))
@@ -104,13 +104,6 @@ class FasterNet(nn.Module):
             x = stage(x)
             outs.append(norm(x))
         return outs
-
-
-def _init_weights(m):
-    if isinstance(m, (nn.Conv2d, nn.Linear)):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 # --- checkpoint layouts --------------------------------------------------------------------------------

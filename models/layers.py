@@ -9,6 +9,23 @@ from torch import nn
 from .errors import EdgeportError
 
 
+def init_trunc_normal(m: nn.Module) -> None:
+    """timm's default init for conv/linear weights (std 0.02, zero bias); use with `model.apply`."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def stage_outputs(stages, x) -> list:
+    """Run the stages in order and return every stage's output (features_only mode)."""
+    outs = []
+    for stage in stages:
+        x = stage(x)
+        outs.append(x)
+    return outs
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample (identity in eval; removed by `to_inference`)."""
 
