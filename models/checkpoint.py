@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 
@@ -51,6 +52,13 @@ def _read_file(path: str):
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise EdgeportError(f"{path}: not a PyTorch checkpoint ({first})") from None
+
+
+def rename_key(key: str, rules) -> str:
+    """Apply every (regex, replacement) rule in order, each at most once: how family converters map layouts."""
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key, count=1)
+    return key
 
 
 def _fit_pointwise(value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,11 @@ forms share parameter names, so one checkpoint loads into either.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from ._registry import ModelCfg, register_checkpoint_converter, register_model
+from .checkpoint import rename_key
 from .errors import EdgeportError
 from .layers import DropPath, LayerNorm2d, PointwiseMlp, init_trunc_normal, stage_outputs
 
@@ -155,13 +154,7 @@ _OFFICIAL = [
 _TIMM = [(r"^(stages\.\d+\.blocks\.\d+)\.(norm\.|gamma$)", r"\1.mlp.\2")]
 
 
-def _rename(key: str, rules) -> str:
-    for pattern, repl in rules:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
 @register_checkpoint_converter("convnext")
 def convert_convnext(state_dict: dict, model: nn.Module) -> dict:
     """Official and timm ConvNeXt layouts → ours; our own layout passes through unchanged."""
-    return {_rename(_rename(k, _OFFICIAL), _TIMM): v for k, v in state_dict.items()}
+    return {rename_key(rename_key(k, _OFFICIAL), _TIMM): v for k, v in state_dict.items()}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ._registry import ModelCfg, register_checkpoint_converter, register_model
+from .checkpoint import rename_key
 from .layers import ConvNormAct, DropPath, PartialConv, PointwiseMlp, init_trunc_normal
 
 __all__ = ["FasterNet", "FasterNetBlock", "FasterNetStage", "FasterNetHead"]
@@ -152,9 +153,7 @@ def _rename(key: str, layout_rules) -> str:
         if new != key:
             key = new
             break
-    for pattern, repl in _SHARED_RULES:
-        key = re.sub(pattern, repl, key, count=1)
-    return key
+    return rename_key(key, _SHARED_RULES)
 
 
 @register_checkpoint_converter("fasternet")

@@ -5,12 +5,11 @@ aliases (cfg.extra["alias_of"] names the canonical model).
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from ._registry import ModelCfg, register_checkpoint_converter, register_model
+from .checkpoint import rename_key
 from .errors import EdgeportError
 from .layers import ConvNormAct, DropPath, PointwiseMlp, init_trunc_normal, stage_outputs
 
@@ -173,9 +172,4 @@ def convert_inceptionnext(state_dict: dict, model: nn.Module) -> dict:
     if "stem.0.bias" in sd and "stem.1.running_mean" in sd:
         # BN(conv(x) + b) == BN'(conv(x)) with running_mean' = running_mean - b, in eval and in training.
         sd["stem.1.running_mean"] = sd["stem.1.running_mean"] - sd.pop("stem.0.bias")
-    out = {}
-    for k, v in sd.items():
-        for pattern, repl in _RULES:
-            k = re.sub(pattern, repl, k)
-        out[k] = v
-    return out
+    return {rename_key(k, _RULES): v for k, v in sd.items()}
