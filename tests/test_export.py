@@ -283,3 +283,43 @@ def test_missing_parity_gate_is_visible_and_marks_unchecked(tmp_path, capsys, mo
     assert g.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     assert manifest["metadata"]["input_shape"] == [-1, 3, 64, 64]
     assert manifest["onnx"]["op_histogram"]["ScatterND"]
+
+
+# ------------------------------------------------------------------------------------------- fp16 weights
+def test_fp16_rounding_is_nearest_and_only_touches_weights(tiny_onnx):
+    from onnx import numpy_helper
+
+    def arrays(model):
+        return {i.name: numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+
+    model = onnx.load(tiny_onnx)
+    before = arrays(model)
+    rounded = arrays(mnn_convert.round_weights_to_fp16(model))
+    weights = {n.input[1] for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")}
+    assert weights and all(np.array_equal(w, before[n]) for n, w in arrays(model).items())  # input untouched
+    for name, w in before.items():
+        expected = w.astype(np.float16).astype(np.float32) if name in weights else w
+        assert np.array_equal(rounded[name], expected), name
+    assert any(not np.array_equal(rounded[n], before[n]) for n in weights)
+
+
+def _mnn_vs_ort(mnn_path, onnx_model, x) -> float:
+    import onnxruntime as ort
+
+    import runtime
+
+    ref = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    out = runtime.load(mnn_path, backend="mnn").run(x)["out"]
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def test_fp16_file_computes_the_round_to_nearest_network(tiny_onnx, tmp_path, monkeypatch):
+    """MNN's own cast truncates toward zero; with our pre-rounding the .fp16.mnn equals the rounded network to
+    float32 precision, without it the truncation shows as a real error."""
+    x = np.random.default_rng(0).standard_normal((1, 8, 32, 32)).astype(np.float32)
+    nearest = mnn_convert.round_weights_to_fp16(onnx.load(tiny_onnx))
+    fixed = _mnn_vs_ort(mnn_convert.convert(tiny_onnx, tmp_path / "a.mnn", "{}", "fp16"), nearest, x)
+    monkeypatch.setattr(mnn_convert, "round_weights_to_fp16", lambda model: model)
+    truncated = _mnn_vs_ort(mnn_convert.convert(tiny_onnx, tmp_path / "b.mnn", "{}", "fp16"), nearest, x)
+    assert fixed < 1e-6 and truncated > max(100 * fixed, 1e-5), (fixed, truncated)
