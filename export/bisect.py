@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from runtime.engines import stdout_silenced
+from runtime.engines import WINOGRAD_HINT, WINOGRAD_LEVEL, stdout_silenced
 
 from .metrics import max_rel
 
@@ -101,6 +101,7 @@ def _mnn_run(mnn_path, input_name, xs, names, precision: str) -> dict:
         import MNN
 
         rt = MNN.nn.create_runtime_manager(({"backend": "CPU", "numThread": 1, "precision": precision},))
+        rt.set_hint(WINOGRAD_HINT, WINOGRAD_LEVEL["accurate"])  # the runtime's setting: probe what it runs
         module = MNN.nn.load_module_from_file(str(mnn_path), [input_name], names, runtime_manager=rt)
     per_name = {n: [] for n in names}
     for x in xs:

@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads (default: 1)")
     p.add_argument("--precision", choices=("fp32", "low"), default="fp32",
                    help="MNN arithmetic: fp32, or low = fp16/bf16 where the CPU supports it (ARMv8.2+)")
+    p.add_argument("--winograd", choices=("accurate", "fast"), default="accurate",
+                   help="MNN 3x3 convs: accurate = F(2,3) Winograd only (what the parity gate checks), fast = "
+                        "MNN's default F(6,3) tiles (~11%% faster on efficientnetv2_s, ~1e-3 relative error)")
     p.add_argument("--backend", choices=("auto", "mnn", "onnxruntime"), default="auto",
                    help="engine (default: from the file extension)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
         if args.topk < 1 or args.bench < 0:
             raise EdgeRuntimeError("--topk must be >= 1 and --bench >= 0")
         t = time.perf_counter()
-        predictor = load(args.model, backend=args.backend, threads=args.threads, precision=args.precision)
+        predictor = load(args.model, backend=args.backend, threads=args.threads, precision=args.precision,
+                         winograd=args.winograd)
         load_ms = (time.perf_counter() - t) * 1e3
         predictor.require_metadata()
         labels = read_labels(args.labels) if args.labels else None

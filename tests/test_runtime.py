@@ -331,10 +331,29 @@ def test_bad_model_files_are_one_line_errors(artifacts, tmp_path, capfd):
 @pytest.mark.parametrize("kwargs, match", [
     ({"backend": "tensorrt"}, "unknown backend"), ({"precision": "fp8"}, "unknown precision"),
     ({"threads": 0}, "threads"), ({"backend": "onnxruntime", "precision": "low"}, "MNN option"),
+    ({"winograd": "F63"}, "unknown winograd"), ({"backend": "onnxruntime", "winograd": "fast"}, "MNN option"),
 ])
 def test_bad_load_options(artifacts, kwargs, match):
     with pytest.raises(runtime.EdgeRuntimeError, match=match):
         runtime.load(artifacts.cls["onnx"], **kwargs)
+
+
+def test_accurate_winograd_holds_beside_a_fast_predictor(tmp_path):
+    """One 64-channel 3x3 conv: MNN's default F(6,3) Winograd is ~1e-3 off in float32, F(2,3) ~3e-7. The fast
+    predictor is created last: MNN runtimes with equal configs share the hint, so without setting it at resize
+    the accurate one would run F(6,3) too."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).eval()
+    torch.onnx.export(conv, torch.zeros(1, 64, 64, 64), tmp_path / "conv.onnx", input_names=["input"],
+                      output_names=["out"], dynamo=False)
+    path = convert(tmp_path / "conv.onnx", tmp_path / "conv.mnn", "{}")
+    x = np.random.default_rng(0).standard_normal((1, 64, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = conv.double()(torch.from_numpy(x).double()).numpy()
+    accurate = runtime.load(path, winograd="accurate")
+    fast = runtime.load(path, winograd="fast")
+    errors = {name: float(np.abs(p.run(x)["out"] - ref).max() / np.abs(ref).max())
+              for name, p in (("accurate", accurate), ("fast", fast))}
+    assert errors["accurate"] < 1e-5 < 1e-4 < errors["fast"], errors
 
 
 BAD_ARRAYS = {

@@ -40,6 +40,7 @@ def load(model_path, precision):
 
     config = {"backend": "CPU", "numThread": 1, "precision": precision}
     rt = MNN.nn.create_runtime_manager((config,))
+    rt.set_hint(3, 1)  # WINOGRAD_MEMORY_LEVEL 1 = F(2,3) only, runtime.load's default (runtime/engines.py)
     module = MNN.nn.load_module_from_file(model_path, [], [], runtime_manager=rt)
     return module, module.get_info()
 
