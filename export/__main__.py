@@ -13,9 +13,13 @@ EPILOG = """\
 defaults: fasternet_t0 at its configured size (224), batch 1, --pconv auto --mlp auto, all formats and
 precisions, opset 17 with the legacy (TorchScript) exporter, onnxsim, artifacts under ./artifacts.
 
-forms: "auto" reads benchmarks/results/recommendation.json when present, else uses the measured-fastest
-forms: --pconv split_cat (slicing exports as Slice+ScatterND and ran 14-19 % slower in ORT and MNN) and
---mlp fc (the 1x1-conv MLP ran 47 % slower on MNN x86). The choice is recorded in the manifest.
+forms: "auto" takes the form `make bench` measured fastest on this machine (benchmarks/results/
+recommendation.json: e.g. fasternet_t0 split_cat-conv, efficientnetv2_s fc); without that file, --pconv
+split_cat (slicing exports as Slice+ScatterND and ran 14-19 % slower in ORT and MNN) and --mlp fc. The choice
+is recorded in the manifest.
+
+precisions: fp16 stores conv/matmul weights as half floats, rounded to nearest by us first (MNN's own cast
+truncates, a bias that compounds with depth); int8w stores them as per-channel symmetric int8.
 
 output: OUT/MODEL/FORM-TAG/{model.onnx, model.mnn, model.fp16.mnn, model.int8w.mnn, parity.json,
 manifest.json, report.md, export.log}; FORM-TAG is e.g. split_cat-fc, fc (no PConv), ...-features.
@@ -48,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="batch axis left dynamic (-1)")
     p.add_argument("--pconv", default="auto", choices=("auto", *PCONV_FORMS),
-                   help="FasterNet PConv form (default auto → split_cat)")
+                   help="FasterNet PConv form (default auto: see forms below)")
     p.add_argument("--mlp", default="auto", choices=("auto", *MLP_FORMS),
-                   help="pointwise MLP / SE form (default auto → fc)")
+                   help="pointwise MLP / SE form (default auto: see forms below)")
     p.add_argument("--formats", type=_csv(FORMATS), default=FORMATS, help="default onnx,mnn")
     p.add_argument("--precision", type=_csv(mnn_convert.PRECISIONS), default=mnn_convert.PRECISIONS,
                    help="MNN variants (default fp32,fp16,int8w)")

@@ -28,7 +28,7 @@ from .source import build_models, form_tag, make_source
 
 FORMATS = ("onnx", "mnn")
 RECOMMENDATION = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "recommendation.json"
-# Measured: split_cat ran 14–19 % faster than slicing (ORT, MNN); fc MLP 47 % faster than 1x1 conv (MNN x86).
+# Used without benchmarks/results/recommendation.json: split_cat ran 14–19 % faster than slicing (ORT, MNN).
 FALLBACK_FORMS = {"pconv": "split_cat", "mlp": "fc"}
 LOG = "export.log"
 

@@ -338,6 +338,7 @@ def test_bad_load_options(artifacts, kwargs, match):
         runtime.load(artifacts.cls["onnx"], **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter's notice
 def test_accurate_winograd_holds_beside_a_fast_predictor(tmp_path):
     """One 64-channel 3x3 conv: MNN's default F(6,3) Winograd is ~1e-3 off in float32, F(2,3) ~3e-7. The fast
     predictor is created last: MNN runtimes with equal configs share the hint, so without setting it at resize
