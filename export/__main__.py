@@ -19,7 +19,8 @@ split_cat (slicing exports as Slice+ScatterND and ran 14-19 % slower in ORT and 
 is recorded in the manifest.
 
 precisions: fp16 stores conv/matmul weights as half floats, rounded to nearest by us first (MNN's own cast
-truncates, a bias that compounds with depth); int8w stores them as per-channel symmetric int8.
+truncates, a bias that compounds with depth); int8w stores them as per-output-channel int8 with a
+scale and offset each (MNN's default; its codes equal round-to-nearest, and MNN expands them to float at load).
 
 output: OUT/MODEL/FORM-TAG/{model.onnx, model.mnn, model.fp16.mnn, model.int8w.mnn, parity.json,
 manifest.json, report.md, export.log}; FORM-TAG is e.g. split_cat-fc, fc (no PConv), ...-features.

@@ -57,6 +57,11 @@ class FusedMBConv(nn.Module):
         self.has_skip = stride == 1 and in_ch == out_ch
         self.drop_path = DropPath(drop_path) if self.has_skip else nn.Identity()
 
+    @property
+    def branch_end_norm(self):
+        """The norm closing the residual branch, the block's layer scale in effect (see models.calibrate)."""
+        return self.conv_pwl.bn if self.has_skip else None
+
     def forward(self, x):
         y = self.conv_pwl(self.conv_exp(x))
         return x + self.drop_path(y) if self.has_skip else y
@@ -74,6 +79,8 @@ class MBConv(nn.Module):
         self.conv_pwl = ConvNormAct(hidden, out_ch, 1)
         self.has_skip = stride == 1 and in_ch == out_ch
         self.drop_path = DropPath(drop_path) if self.has_skip else nn.Identity()
+
+    branch_end_norm = FusedMBConv.branch_end_norm
 
     def forward(self, x):
         y = self.conv_pwl(self.se(self.conv_dw(self.conv_pw(x))))

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import create_model, get_cfg, list_models
 from models import inference as inference_module
-from models.calibrate import calibrate_bn, make_realistic, scale_head
+from models.calibrate import calibrate_bn, make_realistic, randomize_affine, scale_head
 from models.errors import EdgeportError
 from models.inference import (
     PCONV_FORMS,
@@ -190,3 +190,17 @@ def test_calibration_is_real_and_pure():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     features = create_model("convnext_atto", features_only=True)
     assert isinstance(scale_head(features, [inputs(0)])(inputs(0, 1)), list)  # no head: no-op
+
+
+def test_residual_branch_norms_are_drawn_like_layer_scales():
+    """EfficientNetV2's skip blocks end their branch in a BN: its weight is the block's layer scale in effect, so
+    it gets ±U[0.2, 0.8] like ConvNeXt's; every other norm weight stays in U[0.5, 1.5]."""
+    model = randomize_affine(create_model("efficientnetv2_s"))
+    blocks = [m for m in model.modules() if hasattr(m, "has_skip")]
+    ends = [b.branch_end_norm.weight for b in blocks if b.has_skip]
+    assert len(ends) == sum(b.has_skip for b in blocks) > 30
+    ends = torch.cat(ends)
+    assert ends.abs().min() >= 0.2 and ends.abs().max() <= 0.8 and (ends < 0).any() and (ends > 0).any()
+    others = torch.cat([m.weight for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+                        and not any(m is b.branch_end_norm for b in blocks)])
+    assert others.min() >= 0.5 and others.max() <= 1.5

@@ -60,7 +60,8 @@ _BUILT = {}
 
 
 def built(name, tmp_path_factory, img=IMG, features_only=False, precisions=("fp32", "fp16", "int8w")):
-    """(artifact_dir, reference, inference, meta) of a calibrated model, built once per session."""
+    """(artifact_dir, reference, inference, meta) of a calibrated model, built once per session (img None: the
+    model's configured size)."""
     key = (name, img, features_only, precisions)
     if key not in _BUILT:
         from export.source import build_models, make_source
@@ -116,8 +117,8 @@ def test_gates_are_validated():
 
 
 # ------------------------------------------------------------------------------------ real artifacts pass
-def _check_passes(name, tmp_path_factory):
-    out, reference, inference, meta = built(name, tmp_path_factory)
+def _check_passes(name, tmp_path_factory, img=IMG):
+    out, reference, inference, meta = built(name, tmp_path_factory, img)
     r = parity.run_parity(out, reference, inference, meta)
     assert r["passed"], r["markdown"]
     assert set(r["results"]) == ALL_BACKENDS
@@ -143,11 +144,10 @@ def test_small_family_passes(name, tmp_path_factory):
     _check_passes(name, tmp_path_factory)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known breach: MNN fp32 1.9e-3 > 1e-4 (Winograd 3x3 on the random inputs), "
-                   "fp16w 0.11, int8w 0.22 on calibrated random weights; see the parity issue")
-def test_efficientnetv2_s_passes(tmp_path_factory):
-    _check_passes("efficientnetv2_s", tmp_path_factory)
+def test_efficientnetv2_s_passes_at_its_configured_size(tmp_path_factory):
+    """384², as exported by default (~100 s). At 128² its int8w file breaches on the random inputs (0.12 > 5e-2;
+    photos 0.013): 4×4 final maps average away far less rounding error than 12×12 ones."""
+    _check_passes("efficientnetv2_s", tmp_path_factory, img=None)
 
 
 def test_runtime_classify_agrees_with_the_parity_reference_on_photos(tmp_path_factory):
