@@ -13,8 +13,8 @@ EPILOG = """\
 defaults: fasternet_t0 at its configured size (224), batch 1, --pconv auto --mlp auto, all formats and
 precisions, opset 17 with the legacy (TorchScript) exporter, onnxsim, artifacts under ./artifacts.
 
-forms: "auto" takes the form `make bench` measured fastest on this machine (benchmarks/results/
-recommendation.json: e.g. fasternet_t0 split_cat-conv, efficientnetv2_s fc); without that file, --pconv
+forms: "auto" takes, per model, the form `make bench` measured fastest on this machine (benchmarks/results/
+recommendation.json; forms within a few % of each other may change between runs); without that file, --pconv
 split_cat (slicing exports as Slice+ScatterND and ran 14-19 % slower in ORT and MNN) and --mlp fc. The choice
 is recorded in the manifest.
 

@@ -36,8 +36,8 @@ def load(path: str | os.PathLike, backend: str = "auto", threads: int = 1,
 
     threads: intra-op threads (MNN numThread). precision: "fp32", or "low" to let MNN use fp16/bf16 arithmetic
     where the CPU has it (ARMv8.2+; identical to fp32 on x86). winograd (MNN): "accurate" keeps 3x3 convs to
-    F(2,3) tiles, as the parity gate checks them; "fast" is MNN's default (up to F(6,3): ~11 % faster on
-    efficientnetv2_s, but ~1e-3 relative error, over the fp32 gate)."""
+    F(2,3) tiles, as the parity gate checks them; "fast" is MNN's default (up to F(6,3): "accurate" took 1.12×
+    as long on efficientnetv2_s, but "fast" is ~1e-3 off in float32, over the fp32 gate)."""
     path = os.fspath(path)
     if backend == "auto":
         ext = os.path.splitext(path)[1].lower()
