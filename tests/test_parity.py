@@ -137,6 +137,7 @@ def _check_passes(name, tmp_path_factory, img=IMG):
     if not low["ran_fp16"]:
         assert any("precision='low' ran in fp32" in n for n in r["notes"])
     assert "| mnn_int8w |" in r["markdown"]
+    assert any("winograd='accurate'" in n for n in r["notes"])  # the report says how MNN was run
 
 
 @pytest.mark.parametrize("name", ["fasternet_t0", "convnext_atto", "inceptionnext_atto"])
