@@ -294,7 +294,8 @@ def settings_section(results: dict) -> str:
         f"{'calibrated' if s['calibrated'] else 'random-init (uncalibrated)'} weights; random normal input",
         "- engines: PyTorch eager (`torch.inference_mode`, `torch.set_num_threads`); ONNX Runtime and MNN "
         "through `runtime.load(path, threads=N).run(x)` (ORT: CPU provider, default graph optimisation, "
-        "intra-op N, inter-op 1; MNN: CPU backend, precision normal, numThread N); exported with "
+        "intra-op N, inter-op 1; MNN: CPU backend, precision normal, numThread N, 3x3 convs in F(2,3) Winograd "
+        "tiles, the runtime default); exported with "
         "`export.onnx_export` (opset 17, onnxsim) and `export.mnn_convert` (fp32)",
         f"- wall time {results['wall_s'] / 60:.1f} min: " + _stages(results),
     ]
