@@ -18,7 +18,8 @@ MNN_PRECISION = {"fp32": "normal", "low": "low"}
 # to F(6,3), whose float32 error reaches ~1e-3 of max|out| on one 64-channel conv with N(0, 1) input; any other
 # level keeps F(2,3) (~3e-7). Measured on efficientnetv2_s at 384², 1 thread: "accurate" takes 1.12× the time of
 # "fast", whose logits differ from PyTorch by 1.2e-3 (random inputs) against 3.5e-6. No effect on the other
-# families (their 3x3 convs never choose Winograd here).
+# families on x86 (their 3x3 convs never choose Winograd); on aarch64 (qemu) fasternet_t0's do, and "accurate"
+# costs 1.3 % (fp32, cortex-a53) to 2.7 % (fp16, neoverse-n1) more instructions.
 WINOGRAD_LEVEL = {"accurate": 1, "fast": 3}
 WINOGRAD_HINT = 3
 # Runtime managers with equal configs share one MNN runtime, and a module reads the hint when it resizes (first
