@@ -25,8 +25,8 @@ _NET_UUID_FIELD = 11  # Net.mnn_uuid: the 12th field of the root table in MNN's 
 # The converter keeps a scratch file `.__convert_external_data.bin` in the working directory: two conversions
 # sharing a directory silently corrupt each other's weights. Each call gets its own directory, one at a time.
 _CWD_LOCK = threading.Lock()
-# Ops whose constant weight input (index 1) MNN's --fp16 stores as half; their biases stay float32.
-_HALVED_WEIGHTS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+# Ops whose weight (input 1) MNN's --fp16 stores as half; their biases stay float32.
+_HALVED_WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 _FP16_MAX = 65504.0
 
 
@@ -78,8 +78,8 @@ def round_weights_to_fp16(model):
     from onnx import numpy_helper
 
     model = copy.deepcopy(model)
-    weights = {node.input[i] for node in model.graph.node
-               for op, i in _HALVED_WEIGHTS.items() if node.op_type == op and len(node.input) > i}
+    weights = {node.input[1] for node in model.graph.node
+               if node.op_type in _HALVED_WEIGHT_OPS and len(node.input) > 1}
     for init in model.graph.initializer:
         if init.name in weights and init.data_type == onnx.TensorProto.FLOAT:
             w = np.clip(numpy_helper.to_array(init), -_FP16_MAX, _FP16_MAX)
