@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from runtime import EdgeRuntimeError, load
-from runtime.engines import MNN_PRECISION, WINOGRAD_HINT, WINOGRAD_LEVEL, import_mnn
+from runtime.engines import import_mnn, mnn_runtime_manager
 
 
 def rss_mb() -> float:
@@ -37,9 +37,7 @@ def bare_engine_call(path: str, backend: str, threads: int, precision: str, x: n
     if backend == "mnn":
         MNN = import_mnn()
         F = MNN.expr
-        rt = MNN.nn.create_runtime_manager(
-            ({"backend": "CPU", "numThread": threads, "precision": MNN_PRECISION[precision]},))
-        rt.set_hint(WINOGRAD_HINT, WINOGRAD_LEVEL["accurate"])  # as runtime.load does
+        rt = mnn_runtime_manager(threads, precision)  # configured as runtime.load does
         module = MNN.nn.load_module_from_file(path, [], [], runtime_manager=rt)
 
         def call():

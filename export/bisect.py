@@ -15,12 +15,12 @@ import time
 
 import numpy as np
 
-from runtime.engines import WINOGRAD_HINT, WINOGRAD_LEVEL, stdout_silenced
+from runtime.engines import mnn_runtime_manager, stdout_silenced
 
 from .metrics import max_rel
 
 ONSET_FRACTION = 0.1  # "onset" = the first probe whose error exceeds this fraction of the gate
-MNN_PRECISION = {"mnn_fp32": "normal", "mnn_fp16w": "normal", "mnn_int8w": "normal", "mnn_low": "low"}
+MNN_PRECISION = {"mnn_fp32": "fp32", "mnn_fp16w": "fp32", "mnn_int8w": "fp32", "mnn_low": "low"}
 
 
 def probe_candidates(model) -> list[dict]:
@@ -100,8 +100,7 @@ def _mnn_run(mnn_path, input_name, xs, names, precision: str) -> dict:
     with stdout_silenced():
         import MNN
 
-        rt = MNN.nn.create_runtime_manager(({"backend": "CPU", "numThread": 1, "precision": precision},))
-        rt.set_hint(WINOGRAD_HINT, WINOGRAD_LEVEL["accurate"])  # the runtime's setting: probe what it runs
+        rt = mnn_runtime_manager(precision=precision)  # the runtime's settings: probe what it runs
         module = MNN.nn.load_module_from_file(str(mnn_path), [input_name], names, runtime_manager=rt)
     per_name = {n: [] for n in names}
     for x in xs:

@@ -60,6 +60,16 @@ def import_mnn():
     return MNN
 
 
+def mnn_runtime_manager(threads: int = 1, precision: str = "fp32", winograd: str = "accurate"):
+    """An MNN CPU runtime manager as the runtime configures it (numThread, precision, Winograd tiles). The hint
+    also goes on the shared runtime: set it again before a module's resize if other managers exist (MnnEngine)."""
+    MNN = import_mnn()
+    config = {"backend": "CPU", "numThread": threads, "precision": MNN_PRECISION[precision]}
+    manager = MNN.nn.create_runtime_manager((config,))
+    manager.set_hint(WINOGRAD_HINT, WINOGRAD_LEVEL[winograd])
+    return manager
+
+
 class MnnEngine:
     """MNN Module API. Module.forward is not documented as thread-safe, so calls are serialised by a lock."""
 
@@ -68,8 +78,7 @@ class MnnEngine:
     def __init__(self, path: str, threads: int, precision: str, winograd: str = "accurate"):
         MNN = import_mnn()
         self._F = MNN.expr
-        config = {"backend": "CPU", "numThread": threads, "precision": MNN_PRECISION[precision]}
-        self._runtime_manager = runtime_manager = MNN.nn.create_runtime_manager((config,))
+        self._runtime_manager = runtime_manager = mnn_runtime_manager(threads, precision, winograd)
         self._winograd_level = WINOGRAD_LEVEL[winograd]
         self._resized_for = None
         try:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import EdgeportError
-from runtime.engines import WINOGRAD_HINT, WINOGRAD_LEVEL, stdout_silenced
+from runtime.engines import mnn_runtime_manager, stdout_silenced
 
 from .run import PRECISIONS, guest_infer, versions
 
@@ -72,8 +72,7 @@ def mnn_host_reference(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
         import MNN
 
         F = MNN.expr
-        rt = MNN.nn.create_runtime_manager(({"backend": "CPU", "numThread": 1, "precision": "normal"},))
-        rt.set_hint(WINOGRAD_HINT, WINOGRAD_LEVEL["accurate"])  # as runtime.load does
+        rt = mnn_runtime_manager()  # fp32, 1 thread, F(2,3) tiles: as runtime.load does
         mod = MNN.nn.load_module_from_file(str(path), [], [], runtime_manager=rt)
         names = list(mod.get_info()["outputNames"])
         rows = []
