@@ -33,10 +33,39 @@ def read_state_dict(path_or_state_dict) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
+# A checkpoint's format is decided by its first bytes, never by its name: torch.save writes a zip archive (or,
+# before PyTorch 1.6, a pickle), safetensors an 8-byte little-endian header length and a JSON header.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOLS = range(2, 6)
+
+
+def sniff_format(path: str) -> str:
+    """"torch-zip", "torch-pickle" or "safetensors" from the file's content; EdgeportError naming what it is
+    instead (empty, text, unknown binary)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS:
+        return "torch-pickle"
+    if len(head) >= 10 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors"
+    expected = "expected PyTorch weights (.pth/.pt from torch.save) or a .safetensors file"
+    if not head:
+        raise EdgeportError(f"{path}: checkpoint file is empty; {expected}")
+    text = head.decode("utf-8", "replace")  # a cut multi-byte character at the end becomes U+FFFD, printable
+    if b"\0" not in head and all(c.isprintable() or c in "\r\n\t" for c in text):
+        kind = "CSV text" if "," in text.split("\n", 1)[0] else "text"
+        raise EdgeportError(f"{path}: checkpoint is a {kind} file, not weights; {expected}")
+    raise EdgeportError(f"{path}: checkpoint is not in a known weights format (first bytes {head[:8].hex()}); "
+                        f"{expected}")
+
+
 def _read_file(path: str):
     if not os.path.isfile(path):
         raise EdgeportError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
+    if sniff_format(path) == "safetensors":
         from safetensors.torch import load_file
 
         try:
@@ -44,14 +73,38 @@ def _read_file(path: str):
         except Exception as e:
             raise EdgeportError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would pick a reader by the name's extension
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise EdgeportError(f"{path}: refused by torch.load(weights_only=True) ({first}); re-save it as a plain "
-                            "state_dict or .safetensors") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise EdgeportError(f"{path}: not a PyTorch checkpoint ({first})") from None
+        # torch's message advises re-running with weights_only=False, i.e. executing the file: never pass that on
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" (such as {found.group(1)})" if found else ""
+        raise EdgeportError(f"{path}: holds Python objects{what} that we refuse to unpickle; convert it to a plain "
+                            "state_dict (torch.save(model.state_dict(), ...)) or .safetensors") from None
+    except Exception as e:  # torch.load's unpickler raises IndexError, KeyError... on foreign bytes
+        raise EdgeportError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}); re-save it with "
+                            "torch.save(model.state_dict(), ...) or as .safetensors") from None
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping) -> None:
+    """EdgeportError unless every tensor the model would take is floating point where the model's parameter or
+    buffer is (an int64 copy of real weights loads without complaint and makes a garbage reference that every
+    backend agrees with) and every float tensor is finite."""
+    own = model.state_dict()
+    name = getattr(model, "model_name", type(model).__name__)
+    not_float = [k for k, v in state_dict.items()
+                 if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if not_float:
+        k = not_float[0]
+        raise EdgeportError(
+            f"checkpoint has {len(not_float)} non-float tensors where {name} has float weights (first: {k} "
+            f"{str(state_dict[k].dtype).removeprefix('torch.')}); it is not a float checkpoint: re-save the "
+            "trained float weights")
+    for k, v in state_dict.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int(v.numel() - torch.isfinite(v).sum())
+            raise EdgeportError(f"checkpoint tensor {k} has {bad} of {v.numel()} values NaN/Inf; the weights are "
+                                "corrupt or from a diverged run: use a finite checkpoint")
 
 
 def rename_key(key: str, rules) -> str:
@@ -89,7 +142,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -
     """Load weights in any supported layout. Returns a report {missing, unexpected, mismatched}.
 
     strict=True raises EdgeportError naming the first offending keys and their shapes; strict=False loads
-    what fits and returns the report. Head weights are ignored for features_only models.
+    what fits and returns the report. Non-float or non-finite weights are refused either way (check_state_dict). Head weights are ignored for features_only models.
     """
     sd = convert_state_dict(read_state_dict(path_or_state_dict), model)
     own = model.state_dict()
@@ -112,6 +165,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -
         raise EdgeportError(f"checkpoint does not fit {name}: " + "; ".join(parts)
                             + " (wrong model name, or pass strict=False to load what fits)")
     loadable = {k: v for k, v in sd.items() if k in own and k not in mismatched}
+    check_state_dict(model, loadable)
     model.load_state_dict(loadable, strict=False)
     return report
 
