@@ -49,15 +49,14 @@ def stdout_silenced():
 
 
 def import_mnn():
-    """`import MNN` without its "The device supports: ..." line on stdout."""
+    """`import MNN` without its "The device supports: ..." line on stdout, also where glibc ≥ 2.41 refuses the
+    wheel's executable-stack extension (runtime.mnn_import)."""
     if "MNN" in sys.modules:
         return sys.modules["MNN"]
-    try:
-        with stdout_silenced():
-            import MNN
-    except ImportError as e:
-        raise EdgeRuntimeError(f"MNN is not installed ({e}); pip install '.[runtime]'") from None
-    return MNN
+    from .mnn_import import import_mnn as import_mnn_patched_if_needed
+
+    with stdout_silenced():
+        return import_mnn_patched_if_needed()
 
 
 def mnn_runtime_manager(threads: int = 1, precision: str = "fp32", winograd: str = "accurate"):
