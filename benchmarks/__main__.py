@@ -45,8 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="smoke run: 2 rounds, 64² input, one small operator shape, short roofline")
     p.add_argument("--out", help="output directory (default benchmarks/results; --quick: .cache/bench/quick)")
     p.add_argument("--cache", default=str(CACHE), help="export cache, or 'none' (a temporary directory)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="calibrate random-init weights first (models.calibrate; slower, same op graph)")
     p.add_argument("--no-ops", action="store_true", help="skip the operator table")
     p.add_argument("--from-results", metavar="RESULTS_JSON",
                    help="measure nothing: rewrite report, plots and recommendation from a results.json "
@@ -132,7 +130,7 @@ def run(args, log) -> tuple[dict, Path]:
         "host": host_info(), "loadavg": {"start": load_average()}, "versions": tool_versions(),
         "settings": {"models": names, "iters": args.iters, "warmup": args.warmup, "threads": threads,
                      "engines": engines, "img": args.img, "forms": args.forms,
-                     "budget_s": args.budget or None, "calibrated": args.calibrate,
+                     "budget_s": args.budget or None, "calibrated": True,
                      "quick": args.quick, "batch": 1, "precision": "fp32",
                      "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_"))}},
         "roofline": {}, "models": {}, "operators": {}, "seed_checks": {},
@@ -152,7 +150,7 @@ def run(args, log) -> tuple[dict, Path]:
     for name in names:
         log(f"{name}: build forms")
         results["models"][name] = bench_model(name, engines, threads, args.iters, args.warmup, args.img,
-                                              cache, args.calibrate, only, args.budget or None, log=log)
+                                              cache, only, args.budget or None, log=log)
         stage("models")
     if not args.no_ops:
         for t in threads:

@@ -14,18 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import runtime
-from export import mnn_convert, onnx_export
-from export._console import redirect_fds
+from export import targets
+from export.build import build_artifact
+from export.inputs import sample_batch
 from export.manifest import tool_versions
 from export.source import artifact_meta, build_models, form_tag, make_source, model_forms
 from models.errors import EdgeportError
 from models.inference import MLP_FORMS, PCONV_FORMS, to_inference
+from models.metrics import max_rel
 
 from .timing import interleaved, summarize
 
@@ -75,11 +76,12 @@ def counted_macs(module: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops() // 2
 
 
-def build_forms(model: str, img_size: int | None = None, calibrate: bool = False,
+def build_forms(model: str, img_size: int | None = None,
                 only: set[str] | None = None) -> tuple[list[Form], dict]:
     """Every form of `model` (or those tagged in `only`, plus the baseline) as an eval nn.Module, not yet
-    exported, and the ones that could not be built {tag: reason}."""
-    source = {**make_source(model, img_size=img_size), "calibrated": calibrate}
+    exported, and the ones that could not be built {tag: reason}. Weights are the calibrated random init
+    `make export` uses: uncalibrated ones give tiny activations that hide real costs (exact GELU's erf)."""
+    source = make_source(model, img_size=img_size)
     reference, _, _ = build_models(source)
     x = torch.zeros(1, 3, source["img_size"], source["img_size"])
     forms, skipped = [], {}
@@ -97,28 +99,23 @@ def build_forms(model: str, img_size: int | None = None, calibrate: bool = False
     return forms, skipped
 
 
+TIMED_TARGETS = {"ort": "ort", "mnn": "mnn_fp32"}  # engine → the artifact target it times
+
+
 def export_form(form: Form, directory: Path) -> None:
-    """model.onnx (exported + simplified like `make export`) and model.mnn (fp32) in `directory`, reused when
-    present; built in a temporary sibling and moved into place whole."""
-    onnx_path, mnn_path = directory / "model.onnx", directory / mnn_convert.FILENAMES["fp32"]
-    if not (onnx_path.is_file() and mnn_path.is_file()):
+    """The timed targets' files (built like `make export` builds them), reused when present; built in a
+    temporary sibling and moved into place whole."""
+    files = {engine: directory / targets.get(name).file for engine, name in TIMED_TARGETS.items()}
+    if not all(f.is_file() for f in files.values()):
         directory.parent.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
-            log = build / "export.log"
-            with redirect_fds(log):
-                graph = onnx_export.export_onnx(form.module, build / "model.raw.onnx", form.meta)
-                graph = onnx_export.simplify(graph)
-            onnx_export.set_metadata(graph, form.meta)
-            onnx.save_model(graph, str(build / "model.onnx"))
-            (build / "model.raw.onnx").unlink()
-            mnn_convert.convert(build / "model.onnx", build / mnn_path.name,
-                                onnx_export.metadata_json(form.meta), log_path=log)
+            build_artifact(form.module, form.meta, build, tuple(TIMED_TARGETS.values()))
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(build, directory)
         finally:
             shutil.rmtree(build, ignore_errors=True)
-    form.files = {"ort": onnx_path, "mnn": mnn_path}
+    form.files = files
 
 
 def runner(form: Form, engine: str, threads: int, x: np.ndarray):
@@ -135,17 +132,16 @@ def runner(form: Form, engine: str, threads: int, x: np.ndarray):
 
 
 def check_outputs(forms: list[Form], engines, x: np.ndarray) -> dict:
-    """{engine: {tag: max |engine − torch| / max |torch|}}: a form that computes something else is not timed
+    """{engine: {tag: max_rel of engine against torch}}: a form that computes something else is not timed
     as if it were the same network."""
     errors = {}
     for form in forms:
         with torch.inference_mode():
             ref = form.module(torch.from_numpy(x)).numpy()
-        scale = max(float(np.abs(ref).max()), 1e-30)
         for engine in engines:
             if engine != "torch":
                 out = next(iter(runner(form, engine, 1, x)().values()))
-                errors.setdefault(engine, {})[form.tag] = float(np.abs(out - ref).max()) / scale
+                errors.setdefault(engine, {})[form.tag] = max_rel(ref, out)
     return errors
 
 
@@ -163,12 +159,12 @@ def time_forms(forms: list[Form], engine: str, threads: int, x: np.ndarray, iter
 
 
 def bench_model(model: str, engines, threads, iters: int, warmup: int, img_size: int | None = None,
-                cache: Path | None = None, calibrate: bool = False, only: set[str] | None = None,
+                cache: Path | None = None, only: set[str] | None = None,
                 budget_s: float | None = None, log=print) -> dict:
     """One model's forms table: per engine, per thread count, per form tag: latency and ratio to baseline.
     `budget_s` caps each (engine, threads) group's warm-up + rounds (see timing.interleaved)."""
     clock = {"start": time.perf_counter()}
-    forms, skipped = build_forms(model, img_size, calibrate, only)
+    forms, skipped = build_forms(model, img_size, only)
     clock["build"] = time.perf_counter()
     size = forms[0].meta["input_shape"][-1]
     tmp = None
@@ -189,7 +185,7 @@ def bench_model(model: str, engines, threads, iters: int, warmup: int, img_size:
                     skipped[form.tag] = f"export failed: {type(e).__name__}: {str(e).strip()[:200]}"
                     forms.remove(form)
         clock["export"] = time.perf_counter()
-        x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+        x = sample_batch(forms[0].meta, n_images=1, n_random=0)  # a photo: realistic activations
         result = {
             "family": forms[0].module.default_cfg["family"], "img_size": size, "baseline": forms[0].tag,
             "forms": {f.tag: {"pconv": f.pconv, "mlp": f.mlp, "macs": f.macs,

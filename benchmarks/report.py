@@ -291,7 +291,8 @@ def settings_section(results: dict) -> str:
         f"- budget: {s['budget_s'] or 'none'} s of warm-up + rounds per (model, engine, threads); past it a "
         "group stops after 3 rounds (the tables give the rounds done)",
         f"- threads: {', '.join(map(str, s['threads']))}; batch 1, fp32, "
-        f"{'calibrated' if s['calibrated'] else 'random-init (uncalibrated)'} weights; random normal input",
+        f"{'calibrated' if s['calibrated'] else 'random-init (uncalibrated)'} weights (as `make export`: BN "
+        "statistics and layer scales from photos); input: one bundled photo through the model's preprocessing",
         "- engines: PyTorch eager (`torch.inference_mode`, `torch.set_num_threads`); ONNX Runtime and MNN "
         "through `runtime.load(path, threads=N).run(x)` (ORT: CPU provider, default graph optimisation, "
         "intra-op N, inter-op 1; MNN: CPU backend, precision normal, numThread N, 3x3 convs in F(2,3) Winograd "

@@ -2,33 +2,41 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from models.errors import EdgeportError
 
-from . import mnn_convert, onnx_export
-from .pipeline import FORMATS, MLP_FORMS, PCONV_FORMS, ExportOptions, run_export
+from . import targets
 
 EPILOG = """\
-defaults: fasternet_t0 at its configured size (224), batch 1, --pconv auto --mlp auto, all formats and
-precisions, opset 17 with the legacy (TorchScript) exporter, onnxsim, artifacts under ./artifacts.
+defaults: fasternet_t0 at its configured size (224), batch 1, --pconv auto --mlp auto, every default target,
+opset 17 with the legacy (TorchScript) exporter, onnxsim, artifacts under ./artifacts.
 
 forms: "auto" takes, per model, the form `make bench` measured fastest on this machine (benchmarks/results/
 recommendation.json; forms within a few % of each other may change between runs); without that file, --pconv
 split_cat (slicing exports as Slice+ScatterND and ran 14-19 % slower in ORT and MNN) and --mlp fc. The choice
 is recorded in the manifest.
 
-precisions: fp16 stores conv/matmul weights as half floats, rounded to nearest by us first (MNN's own cast
-truncates, a bias that compounds with depth); int8w stores them as per-output-channel int8 with a
-scale and offset each (MNN's default; its codes equal round-to-nearest, and MNN expands them to float at load).
+targets (--targets, registry in export/targets.py; each is judged against PyTorch by its own gate):
+{targets}
+mnn_fp16w: conv/matmul weights stored as half floats, rounded to nearest by us first (MNN's own cast
+truncates, a bias that compounds with depth). mnn_int8w: per-output-channel int8 weights with a scale and
+offset each (MNN expands them to float at load: a smaller file, not faster arithmetic).
 
-output: OUT/MODEL/FORM-TAG/{model.onnx, model.mnn, model.fp16.mnn, model.int8w.mnn, parity.json,
-manifest.json, report.md, export.log}; FORM-TAG is e.g. split_cat-fc, fc (no PConv), ...-features.
+output: OUT/MODEL/FORM-TAG/{{the targets' files, parity.json, manifest.json, report.md, export.log}};
+FORM-TAG is e.g. split_cat-fc, fc (no PConv), ...-features.
 Random-init models (no --weights) are first calibrated to realistic activations (seeded).
 
 exit status: 0 exported (parity passed or not run), 1 exported but the parity gate failed (artifacts kept,
 manifest status "failed"), 2 bad input or a failed step (previous artifacts untouched).
 """
+
+
+def _target_lines() -> str:
+    width = max(len(t.name) for t in targets.ARTIFACTS)
+    return "\n".join(f"  {t.name:<{width}}  {t.file:<16} {t.description}"
+                     + ("" if t.default else " (not by default)") for t in targets.ARTIFACTS)
 
 
 def _csv(choices):
@@ -43,7 +51,11 @@ def _csv(choices):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__, epilog=EPILOG,
+    from . import onnx_export
+    from .pipeline import MLP_FORMS, PCONV_FORMS
+
+    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                epilog=EPILOG.format(targets=_target_lines()),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default="fasternet_t0", help="registered model (default fasternet_t0)")
     p.add_argument("--weights", help="checkpoint (.pth/.pt/.safetensors; official, timm or our layout); "
@@ -56,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FasterNet PConv form (default auto: see forms below)")
     p.add_argument("--mlp", default="auto", choices=("auto", *MLP_FORMS),
                    help="pointwise MLP / SE form (default auto: see forms below)")
-    p.add_argument("--formats", type=_csv(FORMATS), default=FORMATS, help="default onnx,mnn")
-    p.add_argument("--precision", type=_csv(mnn_convert.PRECISIONS), default=mnn_convert.PRECISIONS,
-                   help="MNN variants (default fp32,fp16,int8w)")
+    p.add_argument("--targets", type=_csv(tuple(t.name for t in targets.ARTIFACTS)),
+                   default=targets.DEFAULT_TARGETS,
+                   help="comma-separated artifact targets (default: " + ",".join(targets.DEFAULT_TARGETS) + ")")
     p.add_argument("--opset", type=int, default=onnx_export.DEFAULT_OPSET,
                    help=f"ONNX opset (default {onnx_export.DEFAULT_OPSET})")
     p.add_argument("--exporter", default="legacy", choices=onnx_export.EXPORTERS,
@@ -77,11 +89,26 @@ def _one_line(text: str, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM takes Ctrl-C's way out: build dir removed, previous artifacts kept
+
+
 def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("export: interrupted; previous artifacts untouched", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    from .pipeline import ExportOptions, run_export
+
     opts = ExportOptions(model=args.model, weights=args.weights, img_size=args.img_size,
                          batch=args.batch, dynamic_batch=args.dynamic_batch, pconv=args.pconv, mlp=args.mlp,
-                         formats=args.formats, precisions=args.precision, opset=args.opset,
+                         targets=args.targets, opset=args.opset,
                          exporter=args.exporter, simplifier=args.simplifier,
                          features_only=args.features_only, out=args.out, parity=args.parity, seed=args.seed,
                          verbose=args.verbose)
@@ -90,9 +117,6 @@ def main(argv=None) -> int:
     except EdgeportError as e:
         print(f"export: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("export: interrupted; previous artifacts untouched", file=sys.stderr)
-        return 130
     return 1 if manifest["status"] == "failed" else 0
 
 

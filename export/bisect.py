@@ -15,12 +15,10 @@ import time
 
 import numpy as np
 
+from models.metrics import max_rel
 from runtime.engines import mnn_runtime_manager, stdout_silenced
 
-from .metrics import max_rel
-
 ONSET_FRACTION = 0.1  # "onset" = the first probe whose error exceeds this fraction of the gate
-MNN_PRECISION = {"mnn_fp32": "fp32", "mnn_fp16w": "fp32", "mnn_int8w": "fp32", "mnn_low": "low"}
 
 
 def probe_candidates(model) -> list[dict]:
@@ -113,13 +111,14 @@ def _mnn_run(mnn_path, input_name, xs, names, precision: str) -> dict:
     return {n: np.concatenate(v) for n, v in per_name.items()}
 
 
-def bisect_onnx(onnx_path, xs: np.ndarray, backend: str, gate: float, mnn_path=None, max_probes: int = 256,
+def bisect_onnx(onnx_path, xs: np.ndarray, target, gate: float, artifact=None, max_probes: int = 256,
                 time_budget: float = 300.0) -> dict:
-    """First ONNX node whose output, as computed by `backend`, differs from ONNX Runtime (graph optimisations
-    off, same graph) by more than `gate` (max_rel) on the samples `xs` (N,3,H,W).
+    """First ONNX node whose output, as computed by `target` (an export.targets.Target), differs from ONNX
+    Runtime (graph optimisations off, same graph) by more than `gate` (max_rel) on the samples `xs` (N,3,H,W).
 
-    backend "ort": ONNX Runtime with all graph optimisations on. backend "mnn_*": the .mnn artifact `mnn_path`
-    itself, its internal tensors read by their ONNX names (tensors the converter fused away are not probed).
+    An onnxruntime target: ONNX Runtime with all graph optimisations on, on the `artifact` graph. An MNN target:
+    the .mnn `artifact` itself at the target's precision, its internal tensors read by their ONNX names
+    (tensors the converter fused away are not probed).
     Returns {"found", "node", "op_type", "tensor", "index", "max_rel", "upstream_ops", "mnn_op", "previous",
     "probed", "rounds", "seconds", "note"}; "previous" is the last agreeing probe before the node."""
     import onnx
@@ -129,8 +128,9 @@ def bisect_onnx(onnx_path, xs: np.ndarray, backend: str, gate: float, mnn_path=N
     input_name = model.graph.input[0].name
     cands = probe_candidates(model)
     mnn_ops = {}
-    if backend != "ort":
-        mnn_ops = mnn_tensor_ops(mnn_path)
+    backend, on_mnn = target.name, target.engine == "mnn"
+    if on_mnn:
+        mnn_ops = mnn_tensor_ops(artifact)
         cands = [c for c in cands if c["tensor"] in mnn_ops]
     xs = np.ascontiguousarray(xs, np.float32)
     result = {"backend": backend, "gate": gate, "found": False, "candidates": len(cands), "probed": 0,
@@ -140,10 +140,10 @@ def bisect_onnx(onnx_path, xs: np.ndarray, backend: str, gate: float, mnn_path=N
         names = [cands[i]["tensor"] for i in idx]
         graph = with_outputs(model, names).SerializeToString()
         ref = _ort_run(graph, input_name, xs, names, optimize=False)
-        if backend == "ort":
-            got = _ort_run(graph, input_name, xs, names, optimize=True)
+        if on_mnn:
+            got = _mnn_run(artifact, input_name, xs, names, target.precision)
         else:
-            got = _mnn_run(mnn_path, input_name, xs, names, MNN_PRECISION[backend])
+            got = _ort_run(graph, input_name, xs, names, optimize=True)
         return {i: max_rel(ref[n], got[n]) for i, n in zip(idx, names) if ref[n].shape == got[n].shape}
 
     lo, hi = -1, len(cands)  # cands[lo] agrees (-1: the input), cands[hi] diverges (len: none seen yet)

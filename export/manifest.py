@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from runtime.atomic import write_atomic
+
 from .source import sha256_file
+from .tables import markdown_table
 
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "MNN", "numpy")
 MANIFEST, REPORT = "manifest.json", "report.md"
@@ -47,22 +49,15 @@ def file_entries(directory: Path, skip=(MANIFEST, REPORT)) -> dict[str, dict]:
             for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name not in skip}
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _fmt_size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _histogram_table(raw: dict, final: dict) -> list[str]:
     ops = list(final) + [op for op in raw if op not in final]
-    rows = ["| op | exported | simplified |", "|---|---:|---:|"]
-    rows += [f"| {op} | {raw.get(op, 0)} | {final.get(op, 0)} |" for op in ops]
-    rows.append(f"| **total** | {sum(raw.values())} | {sum(final.values())} |")
-    return rows
+    rows = [[op, raw.get(op, 0), final.get(op, 0)] for op in ops]
+    rows.append(["**total**", sum(raw.values()), sum(final.values())])
+    return markdown_table(["op", "exported", "simplified"], rows, "lrr")
 
 
 def render_report(manifest: dict, parity_markdown: str | None = None) -> str:
@@ -71,14 +66,13 @@ def render_report(manifest: dict, parity_markdown: str | None = None) -> str:
     if manifest.get("status_reason"):
         status += f" — {manifest['status_reason']}"
     lines = [f"# {src['model']} — {manifest['form_tag']}", "", status,
-             "", "## Source", "", "| key | value |", "|---|---|"]
-    lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in src.items()]
-    lines += ["", "## Metadata (ONNX metadata_props `edgeport`; MNN bizCode with its precision)", "",
-              "| key | value |", "|---|---|"]
-    lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in meta.items()]
-    lines += ["", "## Files", "", "| file | size | sha256 |", "|---|---:|---|"]
-    lines += [f"| {name} | {_fmt_size(f['size'])} | `{f['sha256']}` |"
-              for name, f in manifest["files"].items()]
+             "", "## Source", ""]
+    lines += markdown_table(["key", "value"], [[k, f"`{json.dumps(v)}`"] for k, v in src.items()])
+    lines += ["", "## Metadata (ONNX metadata_props `edgeport`; MNN bizCode with its precision)", ""]
+    lines += markdown_table(["key", "value"], [[k, f"`{json.dumps(v)}`"] for k, v in meta.items()])
+    lines += ["", "## Files", ""]
+    lines += markdown_table(["file", "size", "sha256"], [[name, _fmt_size(f["size"]), f"`{f['sha256']}`"]
+                                                         for name, f in manifest["files"].items()], "lrl")
     if onnx_info:
         exp = manifest["export"]
         lines += ["", f"## ONNX graph (opset {exp['opset']}, exporter {exp['exporter']}, "
@@ -93,14 +87,13 @@ def render_report(manifest: dict, parity_markdown: str | None = None) -> str:
         lines.append(parity_markdown or "")
         if parity.get("breaches"):
             lines += ["", "Breaches:", ""] + [f"- {b}" for b in parity["breaches"]]
-    lines += ["", "## Timings", "", "| step | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in manifest["timings_s"].items()]
-    lines += [f"| **total** | {manifest['total_s']:.2f} |", "", "## Tools", "",
+    lines += ["", "## Timings", ""]
+    lines += markdown_table(["step", "seconds"], [[k, f"{v:.2f}"] for k, v in manifest["timings_s"].items()]
+                            + [["**total**", f"{manifest['total_s']:.2f}"]], "lr")
+    lines += ["", "## Tools", "",
               ", ".join(f"{k} {v}" for k, v in manifest["tools"].items()), ""]
     return "\n".join(lines)
 
 
 def write_report(directory: Path, manifest: dict, parity_markdown: str | None = None) -> None:
-    tmp = Path(directory) / f"{REPORT}.tmp"
-    tmp.write_text(render_report(manifest, parity_markdown))
-    os.replace(tmp, Path(directory) / REPORT)
+    write_atomic(Path(directory) / REPORT, render_report(manifest, parity_markdown))

@@ -1,9 +1,10 @@
 """Parity suite: every artifact proven equal to its PyTorch source, with the first diverging layer on failure.
 
 The same inputs (photos through the model's own preprocessing plus seeded random tensors) run through the
-PyTorch training form (eval, the reference) → PyTorch inference form → ONNX Runtime (model.onnx) → MNN fp32,
-fp16-weight, int8-weight and precision="low" artifacts. Every backend is compared against the reference; a
-gate breach names the backend, metric and value, and bisection finds the first node that diverges.
+PyTorch training form (eval, the reference), the PyTorch inference form and every artifact target of
+`export.targets` (ONNX Runtime, MNN fp32 / fp16 weights / int8 weights / precision "low", ...). Each is
+compared against the reference with `judge`, the one parity definition (the ARM harness uses it too); a gate
+breach names the target, metric and value, and bisection finds the first node that diverges.
 
     python -m export.parity artifacts/fasternet_t0/split_cat-fc [--gates JSON] [--n-images N] [--json]
 """
@@ -13,50 +14,35 @@ import argparse
 import copy
 import functools
 import json
-import math
 import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from models.errors import EdgeportError
+from models.metrics import LOWER_BOUNDED, check_gates, compare, max_rel, validate_gates
+from runtime.atomic import jsonable, write_json
 from runtime.engines import stdout_silenced
 
+from . import targets
 from .inputs import sample_batch
-from .metrics import LOWER_BOUNDED, check_gates, compare, max_rel, validate_gates
+from .tables import markdown_table
 
 REFERENCE = "PyTorch training form (eval)"
 N_RANDOM = 4
-DEFAULT_GATES = {
-    "torch_inference": {"max_rel": 1e-5},
-    "ort": {"max_rel": 1e-5},
-    "mnn_fp32": {"max_rel": 1e-4},
-    "mnn_fp16w": {"max_rel": 1e-2},
-    "mnn_int8w": {"max_rel": 5e-2, "top1": 0.9},
-    "mnn_low": {"max_rel": 3e-2},
-}
-# backend → (file, runtime backend, runtime precision, the stage it was made from)
-ARTIFACT_BACKENDS = {
-    "ort": ("model.onnx", "onnxruntime", "fp32", "torch_inference"),
-    "mnn_fp32": ("model.mnn", "mnn", "fp32", "ort"),
-    "mnn_fp16w": ("model.fp16.mnn", "mnn", "fp32", "ort"),
-    "mnn_int8w": ("model.int8w.mnn", "mnn", "fp32", "ort"),
-    "mnn_low": ("model.mnn", "mnn", "low", "ort"),
-}
 BISECT_SAMPLES = 2
 RUNTIME_WINOGRAD = "accurate"  # runtime.load's default; what the gates vouch for
 
 
 def merge_gates(gates: dict | None) -> dict:
-    """DEFAULT_GATES with `gates` ({backend: {metric: threshold}}) laid over them, validated."""
-    merged = copy.deepcopy(DEFAULT_GATES)
+    """The registry's gates with `gates` ({target: {metric: threshold}}) laid over them, validated."""
+    merged = targets.default_gates()
     for backend, limits in (gates or {}).items():
-        if backend not in DEFAULT_GATES:
-            raise EdgeportError(f"unknown backend '{backend}' in gates; known: {', '.join(DEFAULT_GATES)}")
+        if backend not in merged:
+            raise EdgeportError(f"unknown target '{backend}' in gates; known: {', '.join(merged)}")
         if not isinstance(limits, dict):
             raise EdgeportError(f"gates for '{backend}' must be a JSON object of metric: threshold")
         merged[backend].update(limits)
@@ -151,28 +137,54 @@ def _bisect(backend: str, artifact_dir: Path, x, outputs, gates, reference, infe
     if gate is None:
         return {"found": False, "note": "no max_rel gate to bisect on"}
     worst = x[_worst_samples(outputs["reference"], outputs[backend], BISECT_SAMPLES)]
-    if backend == "torch_inference":
+    target = targets.get(backend)
+    if target.bisect == "torch":
         return bisect_torch(reference, inference, worst, gate)
-    previous = ARTIFACT_BACKENDS[backend][3]
+    previous = target.made_from
     if previous in outputs:
         step = max(max_rel(outputs[previous][n], outputs[backend][n]) for n in outputs[backend])
         if step <= gate:
             return {"found": False, "inherited_from": previous, "max_rel_vs_previous": step,
                     "note": f"{backend} agrees with {previous} (max_rel {step:.3g} ≤ {gate:.3g}): the "
                             f"divergence is already in {previous}"}
-    mnn_path = artifact_dir / ARTIFACT_BACKENDS[backend][0] if backend != "ort" else None
-    return bisect_onnx(artifact_dir / "model.onnx", worst, backend, gate, mnn_path=mnn_path,
-                       time_budget=budget)
+    return bisect_onnx(artifact_dir / "model.onnx", worst, target, gate,
+                       artifact=artifact_dir / target.file, time_budget=budget)
+
+
+def reference_outputs(reference, x: np.ndarray, meta: dict) -> dict:
+    """The PyTorch training form's outputs: what every target is judged against."""
+    return _torch_outputs(reference.eval(), x, list(meta["output_names"]))
+
+
+def target_outputs(target: targets.Target, path: Path, x: np.ndarray, meta: dict) -> dict:
+    """One artifact target's outputs on `x`, run as the runtime runs it."""
+    return _runtime_outputs(path, target.engine, target.precision, x, list(meta["output_names"]))
+
+
+def judge(target: str, ref: dict, out: dict, gates: dict, classifier: bool) -> tuple[dict, list[str]]:
+    """The parity definition: ({output: metrics}, breach lines) of `out` against `ref` under `gates`
+    ({metric: threshold}). Used on the host (run_parity) and under ARM emulation (benchmarks.arm.parity)."""
+    metrics, breaches = {}, []
+    for name, r in ref.items():
+        if name not in out:
+            breaches.append(f"{target}: output '{name}' missing")
+            continue
+        metrics[name] = compare(r, out[name], classifier=classifier)
+        breaches += check_gates(metrics[name], gates, target if len(ref) == 1 else f"{target}[{name}]")
+    return metrics, breaches
 
 
 def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict | None = None,
                n_images: int = 16, bisect: bool = True, bisect_budget: float = 300.0,
-               write: bool = True) -> dict:
-    """Compare every artifact in `artifact_dir` (and the PyTorch inference form) against `reference` on the
-    same inputs; write artifact_dir/parity.json and return {"passed", "breaches", "gates", "results",
-    "markdown", "inputs", ...}. results = {backend: {output_name: metrics}}; absent files are skipped (listed
-    in "skipped"). On a breach, "bisection" holds the first diverging layer per breached backend (bounded by
-    `bisect_budget` seconds each). `write=False` leaves parity.json alone."""
+               write: bool = True, target_names=None) -> dict:
+    """Compare every artifact target in `artifact_dir` (and the PyTorch inference form) against `reference` on
+    the same inputs; write artifact_dir/parity.json and return {"passed", "breaches", "gates", "results",
+    "markdown", "inputs", ...}. results = {target: {output_name: metrics}}.
+
+    `target_names`: the targets the directory must hold (a missing file is a breach); None: whichever
+    targets' files are present (the others are listed in "skipped"). On a breach, "bisection" holds the first
+    diverging layer per breached target (bounded by `bisect_budget` seconds each). `write=False` leaves
+    parity.json alone."""
     artifact_dir = Path(artifact_dir)
     gates = merge_gates(gates)
     if n_images < 1:
@@ -184,41 +196,49 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
               "description": f"{n_images} scikit-image photos through the model's preprocessing + {N_RANDOM} "
                              "seeded N(0, 1) tensors (export.inputs.sample_batch)"}
 
-    outputs = {"reference": _torch_outputs(reference.eval(), x, names)}
+    outputs = {"reference": reference_outputs(reference, x, meta)}
     noise = _fp64_noise(reference, x, outputs["reference"], names)
-    sources, skipped, errors = {"torch_inference": "PyTorch inference form (models.to_inference)"}, {}, {}
+    sources, skipped, errors = {targets.INFERENCE: targets.get(targets.INFERENCE).description}, {}, {}
     if inference is not None:
-        outputs["torch_inference"] = _torch_outputs(inference.eval(), x, names)
+        outputs[targets.INFERENCE] = _torch_outputs(inference.eval(), x, names)
     else:
-        skipped["torch_inference"] = "no inference-form model given"
-    for backend, (fname, rt_backend, precision, _) in ARTIFACT_BACKENDS.items():
-        path = artifact_dir / fname
-        if not path.is_file():
-            skipped[backend] = f"{fname} absent"
+        skipped[targets.INFERENCE] = "no inference-form model given"
+    required = None if target_names is None else {t.name for t in targets.select(target_names)}
+    for target in targets.ARTIFACTS:
+        path = artifact_dir / target.file
+        if required is not None and target.name not in required:
             continue
-        sources[backend] = fname + (f" (precision={precision})" if precision != "fp32" else "")
+        if not path.is_file():
+            if required is None:
+                skipped[target.name] = f"{target.file} absent"
+            else:
+                errors[target.name] = f"{target.file} missing"
+            continue
+        sources[target.name] = target.file + (f" (precision={target.precision})"
+                                              if target.precision != "fp32" else "")
         try:
-            outputs[backend] = _runtime_outputs(path, rt_backend, precision, x, names)
+            outputs[target.name] = target_outputs(target, path, x, meta)
         except Exception as e:  # any failure to load or run is a failure to prove parity
-            errors[backend] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            errors[target.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
     results, breaches, breached = {}, [], []
-    for backend in DEFAULT_GATES:
+    for target in targets.TARGETS:
+        backend = target.name
         if backend in errors:
             breaches.append(f"{backend}: failed to run ({errors[backend]})")
         if backend not in outputs:
             continue
-        results[backend], lines = {}, []
-        for name in names:
-            m = compare(outputs["reference"][name], outputs[backend][name], classifier=classifier)
-            results[backend][name] = m
-            lines += check_gates(m, gates[backend], backend if len(names) == 1 else f"{backend}[{name}]")
+        results[backend], lines = judge(backend, outputs["reference"], outputs[backend], gates[backend],
+                                        classifier)
         breaches += lines
         if lines:
             breached.append(backend)
+    degenerate = _degenerate(outputs["reference"])
+    if degenerate:
+        breaches.insert(0, f"reference: {degenerate}")
 
-    notes = [f"every backend is compared against the {REFERENCE} on the same inputs"]
-    if any(b.startswith("mnn") for b in results):
+    notes = [f"every target is compared against the {REFERENCE} on the same inputs"]
+    if any(targets.get(b).engine == "mnn" for b in results if b in targets.TARGET_BY_NAME):
         notes.append(f"MNN ran as runtime.load runs it by default: 1 thread, winograd='{RUNTIME_WINOGRAD}' (3x3 convs "
                      "in F(2,3) tiles); winograd='fast' (F(6,3)) is not what this checks")
     if noise:
@@ -229,23 +249,14 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
         if below:
             notes.append(f"breaches within 2x of that noise ({', '.join(below)}) are the size of fp32 "
                          "rounding accumulated over the network's depth; the gate is kept as set")
-    precision_low = None
-    if "mnn_low" in outputs:
-        fp16 = cpu_fp16()
-        same = "mnn_fp32" in outputs and all(
-            np.array_equal(outputs["mnn_low"][n], outputs["mnn_fp32"][n]) for n in names)
-        ran_fp16 = bool(fp16) and not same
-        precision_low = {"cpu_fp16": fp16, "identical_to_mnn_fp32": same, "ran_fp16": ran_fp16}
-        if not ran_fp16:
-            why = "MNN reports fp16:0 for this CPU" if fp16 is False else "outputs bit-identical to mnn_fp32"
-            notes.append(f"mnn_low: precision='low' ran in fp32 here ({why}); the fp16-compute gate is not "
-                         "exercised on this machine — run it on an ARMv8.2+ board")
+    precision_low = _precision_low(outputs, names, notes)
 
     bisection = {}
     if bisect and breaches:
         for backend in breached:
-            if backend == "mnn_low" and precision_low and precision_low["identical_to_mnn_fp32"]:
-                bisection[backend] = {"found": False, "note": "identical to mnn_fp32; see its bisection"}
+            twin = _fp32_twin(backend)
+            if precision_low and precision_low["identical_to_fp32"].get(backend):
+                bisection[backend] = {"found": False, "note": f"identical to {twin}; see its bisection"}
                 continue
             try:
                 bisection[backend] = _bisect(backend, artifact_dir, x, outputs, gates, reference, inference,
@@ -270,8 +281,47 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
     }
     result["markdown"] = to_markdown(result)
     if write:
-        write_json_atomic(artifact_dir / "parity.json", {k: v for k, v in result.items() if k != "markdown"})
+        write_json(artifact_dir / "parity.json", {k: v for k, v in result.items() if k != "markdown"})
     return result
+
+
+def _degenerate(ref: dict) -> str | None:
+    """Why the reference cannot vouch for anything (outputs that do not vary across inputs, or non-finite
+    ones: garbage weights make every backend agree), or None."""
+    for name, r in ref.items():
+        if not np.isfinite(r).all():
+            return f"output '{name}' is not finite: the weights are broken"
+        if len(r) > 1 and np.ptp(r.reshape(len(r), -1), axis=0).max() <= 1e-6 * max(float(np.abs(r).max()), 1e-30):
+            return (f"output '{name}' is the same for every input (degenerate weights): parity on it "
+                    "proves nothing")
+    return None
+
+
+def _fp32_twin(name: str) -> str | None:
+    """The fp32-arithmetic target running the same file as a precision-'low' target."""
+    target = targets.get(name)
+    if target.precision != "low":
+        return None
+    twin = targets.for_file(target.file, "fp32")
+    return twin.name if twin else None
+
+
+def _precision_low(outputs: dict, names: list[str], notes: list[str]) -> dict | None:
+    """Whether precision='low' really ran fp16 arithmetic here, per 'low' target (x86 runs it as fp32)."""
+    lows = [b for b in outputs if b in targets.TARGET_BY_NAME and targets.get(b).precision == "low"]
+    if not lows:
+        return None
+    fp16 = cpu_fp16()
+    same = {}
+    for b in lows:
+        twin = _fp32_twin(b)
+        same[b] = twin in outputs and all(np.array_equal(outputs[b][n], outputs[twin][n]) for n in names)
+    ran_fp16 = bool(fp16) and not all(same.values())
+    if not ran_fp16:
+        why = "MNN reports fp16:0 for this CPU" if fp16 is False else "outputs bit-identical to fp32"
+        notes.append(f"{', '.join(lows)}: precision='low' ran in fp32 here ({why}); the fp16-compute gate is "
+                     "not exercised on this machine — run it on an ARMv8.2+ board or `make arm`")
+    return {"cpu_fp16": fp16, "identical_to_fp32": same, "ran_fp16": ran_fp16}
 
 
 def _versions() -> dict:
@@ -286,54 +336,24 @@ def _versions() -> dict:
     return out
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else str(float(obj))  # JSON has no inf/nan
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(data), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fmt(v) -> str:
     return "–" if v is None else str(v) if isinstance(v, int) else f"{v:.3g}"
 
 
-def _gate_text(limits: dict) -> str:
+def gate_text(limits: dict) -> str:
     return ", ".join(f"{k} {'≥' if k in LOWER_BOUNDED else '≤'} {v:g}" for k, v in limits.items())
 
 
 def to_markdown(result: dict) -> str:
     """A table for report.md: one row per backend and output, plus breaches and bisection."""
     lines = [f"Parity against the {result['reference']} on {result['inputs']['count']} inputs "
-             f"({result['inputs']['description']}): **{'PASSED' if result['passed'] else 'FAILED'}**", "",
-             "| backend | source | output | max_rel | max_abs | mean_abs | cosine | top1 | top5 | NaN/Inf "
-             "| gate |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for backend, per_output in result["results"].items():
-        for name, m in per_output.items():
-            row = [backend, result["sources"].get(backend, ""), name, _fmt(m["max_rel"]), _fmt(m["max_abs"]),
-                   _fmt(m["mean_abs"]), f"{m['cosine']:.6f}", _fmt(m.get("top1")), _fmt(m.get("top5")),
-                   str(m["nan_inf"]), _gate_text(result["gates"][backend])]
-            lines.append("| " + " | ".join(row) + " |")
+             f"({result['inputs']['description']}): **{'PASSED' if result['passed'] else 'FAILED'}**", ""]
+    rows = [[backend, result["sources"].get(backend, ""), name, _fmt(m["max_rel"]), _fmt(m["max_abs"]),
+             _fmt(m["mean_abs"]), f"{m['cosine']:.6f}", _fmt(m.get("top1")), _fmt(m.get("top5")),
+             str(m["nan_inf"]), gate_text(result["gates"][backend])]
+            for backend, per_output in result["results"].items() for name, m in per_output.items()]
+    lines += markdown_table(["target", "source", "output", "max_rel", "max_abs", "mean_abs", "cosine", "top1",
+                             "top5", "NaN/Inf", "gate"], rows)
     for backend, why in result["skipped"].items():
         lines.append(f"\nSkipped {backend}: {why}.")
     for note in result["notes"]:
@@ -369,6 +389,33 @@ def describe_bisection(b: dict) -> str:
     if b.get("note"):
         text += f" ({b['note']})"
     return text
+
+
+def manifest_targets(manifest: dict) -> list[str]:
+    """The targets an export shipped: as recorded, else (older manifests) those whose file it lists."""
+    recorded = (manifest.get("export") or {}).get("targets")
+    if isinstance(recorded, list) and all(isinstance(t, str) and t in targets.TARGET_BY_NAME for t in recorded):
+        return recorded
+    files = manifest.get("files") or {}
+    return [t.name for t in targets.ARTIFACTS if t.file in files]
+
+
+def verify_files(directory: Path, manifest: dict) -> str | None:
+    """Why the directory is not what its manifest lists (a file missing, or its sha256 differs), or None."""
+    from .manifest import sha256_file
+
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{directory / 'manifest.json'} lists no files; re-export"
+    for name, entry in files.items():
+        path = directory / name
+        if not isinstance(entry, dict) or "sha256" not in entry or Path(name).name != name:
+            return f"manifest entry for {name!r} is malformed; re-export"
+        if not path.is_file():
+            return f"{name} listed in the manifest is missing from {directory}; re-export"
+        if sha256_file(path) != entry["sha256"]:
+            return f"{name} differs from the manifest (sha256): it was modified or replaced; re-export"
+    return None
 
 
 def _load_gates(text: str | None) -> dict | None:
@@ -412,16 +459,20 @@ def main(argv=None) -> int:
         recorded = (manifest.get("parity") or {}).get("gates") or {}
         merge_gates(gates)  # validates the command line's gates before mixing them in
         gates = {b: {**recorded.get(b, {}), **(gates or {}).get(b, {})} for b in {*recorded, *(gates or {})}}
+        tampered = verify_files(d, manifest)
+        if tampered:
+            print(f"parity FAILED: {tampered}", file=sys.stderr)
+            return 1
         from .source import build_models
 
         reference, inference, meta = build_models(manifest["source"])
         result = run_parity(d, reference, inference, meta, gates=gates, n_images=args.n_images,
-                            bisect=not args.no_bisect, write=args.write)
+                            bisect=not args.no_bisect, write=args.write, target_names=manifest_targets(manifest))
     except EdgeportError as e:
         print(f"parity: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(_jsonable({k: v for k, v in result.items() if k != "markdown"}), indent=2))
+        print(json.dumps(jsonable({k: v for k, v in result.items() if k != "markdown"}), indent=2))
     else:
         print(result["markdown"])
     if not result["passed"]:

@@ -1,4 +1,5 @@
-"""The export pipeline: model → ONNX → MNN (fp32, fp16, int8w) → parity gate → manifest + report.
+"""The export CLI's pipeline: source → models → `build_artifact` (every selected target) → parity gate →
+manifest + report, with progress on the console.
 
 Everything is built in a temporary directory next to the destination and moved into place only when every
 step succeeded, so a failed run leaves the previous artifacts untouched and no partial files behind.
@@ -15,22 +16,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
 from rich.console import Console
 
 from models.errors import EdgeportError
 from models.inference import MLP_FORMS, PCONV_FORMS
+from runtime.atomic import write_json
 
-from . import graph, mnn_convert, onnx_export
+from . import onnx_export, targets
 from ._console import Steps, make_console, redirect_fds
-from .manifest import MANIFEST, file_entries, tool_versions, write_json, write_report
+from .build import LOG, build_artifact
+from .install import install, make_build_dir, remove_if_empty
+from .manifest import MANIFEST, file_entries, tool_versions, write_report
 from .source import build_models, form_tag, make_source
 
-FORMATS = ("onnx", "mnn")
 RECOMMENDATION = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "recommendation.json"
 # Used without benchmarks/results/recommendation.json: split_cat ran 14–19 % faster than slicing (ORT, MNN).
 FALLBACK_FORMS = {"pconv": "split_cat", "mlp": "fc"}
-LOG = "export.log"
 
 
 @dataclass
@@ -42,8 +43,7 @@ class ExportOptions:
     dynamic_batch: bool = False
     pconv: str = "auto"
     mlp: str = "auto"
-    formats: tuple[str, ...] = FORMATS
-    precisions: tuple[str, ...] = mnn_convert.PRECISIONS
+    targets: tuple[str, ...] = targets.DEFAULT_TARGETS
     opset: int = onnx_export.DEFAULT_OPSET
     exporter: str = "legacy"
     simplifier: str = "onnxsim"
@@ -84,54 +84,11 @@ def resolve_forms(model: str, pconv: str, mlp: str, path: Path = RECOMMENDATION)
 
 def _check_options(opts: ExportOptions) -> None:
     onnx_export.check_options(opts.opset, opts.exporter, opts.simplifier)
-    bad = [f for f in opts.formats if f not in FORMATS]
-    if bad or not opts.formats:
-        raise EdgeportError(f"unknown --formats {','.join(bad) or '(empty)'}; "
-                            f"use a subset of {','.join(FORMATS)}")
-    bad = [p for p in opts.precisions if p not in mnn_convert.PRECISIONS]
-    if bad or not opts.precisions:
-        raise EdgeportError(f"unknown --precision {','.join(bad) or '(empty)'}; use a subset of "
-                            f"{','.join(mnn_convert.PRECISIONS)}")
+    targets.select(opts.targets)
     if opts.pconv not in ("auto", *PCONV_FORMS):
         raise EdgeportError(f"unknown --pconv {opts.pconv}; use auto or one of {', '.join(PCONV_FORMS)}")
     if opts.mlp not in ("auto", *MLP_FORMS):
         raise EdgeportError(f"unknown --mlp {opts.mlp}; use auto or one of {', '.join(MLP_FORMS)}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _make_build_dir(out: Path, model: str) -> Path:
-    parent = out / model
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        build = Path(tempfile.mkdtemp(prefix=".build-", dir=parent))
-        os.chmod(build, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact dir should not be
-        return build
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise EdgeportError(f"cannot write to --out {out}: {reason}; choose a writable directory") from None
-
-
-def _install(build: Path, dest: Path) -> None:
-    """Replace `dest` by `build`: rename, never copy, so readers see the old or the new directory whole."""
-    for f in build.iterdir():  # temp-file helpers create 0600 files
-        os.chmod(f, 0o666 & ~_umask())
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    try:
-        os.replace(build, dest)
-    except OSError:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _parity_function():
@@ -167,67 +124,44 @@ def run_export(opts: ExportOptions, console: Console | None = None) -> dict:
     source = make_source(opts.model, opts.weights, opts.img_size, opts.batch, opts.dynamic_batch,
                          opts.features_only, pconv, mlp, opts.seed)
     out = Path(opts.out)
-    build = _make_build_dir(out, opts.model)
+    build = make_build_dir(out, opts.model)
     try:
         manifest, dest = _run_steps(opts, source, build, console, start, note)
-        _install(build, dest)
+        installed = install(build, dest, manifest["status"])
     except EdgeportError as e:
         kept = _keep_log(build, opts)
-        shutil.rmtree(build, ignore_errors=True)
+        _discard(build)
         raise EdgeportError(f"{e}{kept}") from None
     except BaseException:
-        shutil.rmtree(build, ignore_errors=True)
+        _discard(build)
         raise
     colour = {"passed": "green", "failed": "red"}.get(manifest["status"], "yellow")
-    console.print(f"[{colour}]{manifest['status'].upper()}[/{colour}] {dest}  ({manifest['total_s']:.1f} s)")
+    console.print(f"[{colour}]{manifest['status'].upper()}[/{colour}] {installed}  ({manifest['total_s']:.1f} s)")
+    if installed != dest:
+        console.print(f"[yellow]the passing export in {dest} was kept; this failed one is in {installed}[/yellow]")
     return manifest
+
+
+def _discard(build: Path) -> None:
+    shutil.rmtree(build, ignore_errors=True)
+    remove_if_empty(build.parent)
 
 
 def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console, start: float,
                forms_note: str | None):
     steps = Steps(console)
-    log = build / LOG
-    quiet = not opts.verbose
-
     reference, inference, meta = build_models(source, step=steps.step)
     tag = form_tag(meta)
     console.print(f"[bold]{opts.model}[/bold] → {Path(opts.out) / opts.model / tag}  "
                   f"(input {meta['input_shape']}, pconv={meta['pconv']}, mlp={meta['mlp']})")
-    raw_path, onnx_path = build / "model.raw.onnx", build / "model.onnx"
-
-    with steps.step(f"ONNX export (opset {opts.opset}, {opts.exporter})"):
-        try:
-            with redirect_fds(log, quiet):
-                exported = onnx_export.export_onnx(inference, raw_path, meta, opts.opset, opts.exporter)
-        except EdgeportError:
-            raise
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise EdgeportError(f"ONNX export failed: {type(e).__name__}: {first}") from None
-    with steps.step("onnx.checker (full)"):
-        onnx_export.full_check(exported, "exported")
-    with steps.step(f"simplify ({opts.simplifier})"), redirect_fds(log, quiet):
-        final = onnx_export.simplify(exported, opts.simplifier)
-    with steps.step("graph lint"):
-        hist_raw, hist = graph.op_histogram(exported), graph.op_histogram(final)
-        warnings = graph.lint(hist, meta["pconv"], meta["mlp"], opts.dynamic_batch)
-    for w in warnings:
+    built = build_artifact(inference, meta, build, opts.targets, opset=opts.opset, exporter=opts.exporter,
+                           simplifier=opts.simplifier, log=build / LOG, verbose=opts.verbose, step=steps.step)
+    for w in built["onnx"]["lint"] + _ignored_options(opts, meta):
         console.print(f"  [yellow]warning:[/yellow] {w}")
-    with steps.step("ONNX metadata + save"):
-        onnx_export.set_metadata(final, meta)
-        onnx.save_model(final, str(onnx_path))
-        raw_path.unlink()
 
-    if "mnn" in opts.formats:
-        for precision in opts.precisions:
-            with steps.step(f"MNN convert {precision}"):
-                biz = onnx_export.metadata_json({**meta, "precision": precision})
-                mnn_convert.convert(onnx_path, build / mnn_convert.FILENAMES[precision], biz, precision,
-                                    log_path=log, verbose=opts.verbose)
-
-    parity = _parity(opts, build, reference, inference, meta, steps, log)
-    if "onnx" not in opts.formats:
-        onnx_path.unlink()
+    parity = _parity(opts, build, reference, inference, meta, steps, build / LOG)
+    if "ort" not in built["targets"]:
+        (build / "model.onnx").unlink()
 
     status = "unchecked" if parity["status"] == "skipped" else parity["status"]
     manifest = {
@@ -237,12 +171,11 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
         "form_tag": tag,
         "source": source,
         "metadata": meta,
-        "export": {"formats": list(opts.formats), "precisions": list(opts.precisions), "opset": opts.opset,
+        "export": {"targets": built["targets"], "opset": opts.opset,
                    "exporter": opts.exporter, "simplifier": opts.simplifier,
                    "forms": {"pconv": opts.pconv, "mlp": opts.mlp, "resolved_by": forms_note or "given"}},
         "files": {},
-        "onnx": {"op_histogram_exported": hist_raw, "op_histogram": hist, "lint": warnings,
-                 "nodes_exported": sum(hist_raw.values()), "nodes": sum(hist.values())},
+        "onnx": built["onnx"],
         "parity": {k: v for k, v in parity.items() if k != "markdown"},
         "tools": tool_versions(),
         "timings_s": steps.timings,
@@ -256,6 +189,13 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
     return manifest, Path(opts.out) / opts.model / tag
 
 
+def _ignored_options(opts: ExportOptions, meta: dict) -> list[str]:
+    """Form options given on the command line that this network has nothing to apply to."""
+    return [f"--{key} {given} ignored: {opts.model} has no {what}"
+            for key, given, what in (("pconv", opts.pconv, "PConv"), ("mlp", opts.mlp, "pointwise MLP or SE"))
+            if given != "auto" and meta[key] is None]
+
+
 def _parity(opts, build, reference, inference, meta, steps: Steps, log) -> dict:
     if not opts.parity:
         steps.note("[yellow]parity gate skipped (--no-parity)[/yellow]")
@@ -265,7 +205,7 @@ def _parity(opts, build, reference, inference, meta, steps: Steps, log) -> dict:
         steps.note(f"[yellow]parity gate not available: {why}[/yellow]")
         return {"status": "skipped", "reason": f"parity gate not available: {why}"}
     with steps.step("parity gate"), redirect_fds(log, not opts.verbose):
-        result = run_parity(build, reference, inference, meta, opts.gates)
+        result = run_parity(build, reference, inference, meta, opts.gates, target_names=opts.targets)
     for breach in result.get("breaches", []):
         steps.note(f"[red]breach:[/red] {breach}")
     return {"status": "passed" if result["passed"] else "failed", **result}

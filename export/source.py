@@ -45,14 +45,33 @@ def make_source(model: str, weights=None, img_size: int | None = None, batch: in
         weights = os.path.abspath(os.fspath(weights))
         if not os.path.isfile(weights) or not os.access(weights, os.R_OK):
             raise EdgeportError(f"weights file not found or not readable: {weights}")
-    img_size = img_size or cfg.input_size[-1]
+    img_size = cfg.input_size[-1] if img_size is None else img_size
+    check_size(img_size, batch, seed)
+    return {"model": model, "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
+            "seed": seed, "img_size": img_size, "batch": batch, "dynamic_batch": dynamic_batch,
+            "features_only": features_only, "pconv": pconv, "mlp": mlp, "calibrated": weights is None}
+
+
+MAX_SEED = 2**32 - 1
+# The parity inputs (20 samples) and the exporter's activations must fit in memory with room to spare: above
+# this many input pixels per export (batch × H × W) the run would need tens of GB.
+MAX_PIXELS = 64 * 2048 * 2048
+
+
+def check_size(img_size, batch, seed) -> None:
+    """Bounds of the numeric options (also applied to a manifest's source record, which may be hand-edited)."""
+    for name, value in (("--img-size", img_size), ("--batch", batch), ("--seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise EdgeportError(f"{name} must be an integer, got {value!r}")
     if img_size < 32 or img_size % 32:
         raise EdgeportError(f"--img-size {img_size} must be a positive multiple of 32 (the total stride)")
     if batch < 1:
         raise EdgeportError(f"--batch {batch} must be at least 1")
-    return {"model": model, "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
-            "seed": seed, "img_size": img_size, "batch": batch, "dynamic_batch": dynamic_batch,
-            "features_only": features_only, "pconv": pconv, "mlp": mlp, "calibrated": weights is None}
+    if batch * img_size * img_size > MAX_PIXELS:
+        raise EdgeportError(f"--img-size {img_size} with --batch {batch} needs more memory than an export can "
+                            f"have (batch × size² ≤ {MAX_PIXELS:,}); use a smaller size or batch")
+    if not 0 <= seed <= MAX_SEED:
+        raise EdgeportError(f"--seed {seed} must be between 0 and {MAX_SEED}")
 
 
 def model_forms(model: nn.Module) -> tuple[bool, bool]:
@@ -105,6 +124,7 @@ def build_models(source: dict, step: Callable[[str], AbstractContextManager] | N
     missing = [k for k in SOURCE_KEYS if k not in source]
     if missing:
         raise EdgeportError(f"source record lacks {', '.join(missing)}; re-export the artifact")
+    _check_source(source)
     with step("create model"):
         torch.manual_seed(source["seed"])
         model = models.create_model(source["model"], features_only=source["features_only"])
@@ -120,6 +140,28 @@ def build_models(source: dict, step: Callable[[str], AbstractContextManager] | N
     with step("to_inference"):
         inference = _to_inference(reference, pconv=source["pconv"], mlp=source["mlp"]).eval()
     return reference, inference, meta
+
+
+def _check_source(source: dict) -> None:
+    """A manifest's source record is user-editable: the same bounds as the command line, one-line errors."""
+    from models.inference import MLP_FORMS, PCONV_FORMS
+
+    try:
+        models.get_cfg(source["model"])
+    except (KeyError, TypeError, EdgeportError):
+        raise EdgeportError(f"source record names an unknown model {source['model']!r}; re-export") from None
+    check_size(source["img_size"], source["batch"], source["seed"])
+    for key in ("dynamic_batch", "features_only", "calibrated"):
+        if not isinstance(source[key], bool):
+            raise EdgeportError(f"source record field {key} must be true or false, got {source[key]!r}")
+    for key, valid in (("pconv", PCONV_FORMS), ("mlp", MLP_FORMS)):
+        if source[key] is not None and source[key] not in valid:
+            raise EdgeportError(f"source record field {key} is {source[key]!r}; expected one of "
+                                f"{', '.join(valid)}")
+    if source["weights"] is not None and not isinstance(source["weights"], str):
+        raise EdgeportError(f"source record field weights must be a path or null, got {source['weights']!r}")
+    if not source["weights"] and not source["calibrated"]:
+        raise EdgeportError("source record has neither weights nor calibrated random init; re-export")
 
 
 def _load_weights(model: nn.Module, source: dict) -> None:

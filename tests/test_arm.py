@@ -58,27 +58,30 @@ def test_instruction_counts_repeat_exactly(tiny_dir, inputs):
 
 
 def test_fp32_parity_passes(tiny_dir):
-    from benchmarks.arm.parity import FP32_GATE, check_dir
+    from benchmarks.arm.parity import check_dir
+    from export import targets
 
-    report = check_dir(tiny_dir, cpus=["cortex-a53"], precisions=["normal"], files=["model.mnn"],
-                       n_images=2, n_random=1, log=lambda s: None)
+    report = check_dir(tiny_dir, cpus=["cortex-a53"], target_names=["mnn_fp32"], n_images=2, n_random=1,
+                       log=lambda s: None)
     (row,) = report["rows"]
-    assert row["gate_kind"] == "fp32" and row["compute"] == "fp32"
-    assert row["rel_err"] <= FP32_GATE and row["top1_agreement"] == 1.0
+    assert row["target"] == "mnn_fp32" and row["compute"] == "fp32" and row["reference"] == "onnxruntime"
+    assert row["max_rel"] <= targets.get("mnn_fp32").gates["max_rel"] and row["top1"] == 1.0
     assert report["passed"]
     with open(os.path.join(tiny_dir, "arm_parity.json")) as f:
         assert json.load(f)["passed"] is True
 
 
 def test_too_tight_fp16_gate_fails(tiny_dir):
-    from benchmarks.arm.parity import FP16_GATE, check_dir
+    """The same gate definition as the host's: a tightened mnn_low gate fails on the fp16 path."""
+    from benchmarks.arm.parity import check_dir
+    from export import targets
 
-    report = check_dir(tiny_dir, cpus=["neoverse-n1"], precisions=["low"], files=["model.mnn"],
-                       fp16_gate=1e-7, n_images=2, n_random=1, log=lambda s: None)
+    report = check_dir(tiny_dir, cpus=["neoverse-n1"], target_names=["mnn_low"],
+                       gates={"mnn_low": {"max_rel": 1e-7}}, n_images=2, n_random=1, log=lambda s: None)
     (row,) = report["rows"]
     assert row["compute"] == "fp16", "neoverse-n1 should take MNN's fp16 path at precision low"
-    assert not row["passed"] and not report["passed"]
-    assert row["rel_err"] <= FP16_GATE, "the default fp16 gate should pass on the same outputs"
+    assert not row["passed"] and not report["passed"] and row["breaches"]
+    assert row["max_rel"] <= targets.get("mnn_low").gates["max_rel"], "the default gate passes the same outputs"
 
 
 def test_cortex_a53_precision_low_is_fp32(outputs):

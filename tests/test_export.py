@@ -134,7 +134,7 @@ def test_gelu_approximation_is_caught_by_the_gate_metric(tmp_path, name):
     (≈5e-5: under 1e-4, so only a tighter gate would fail it — see the export notes)."""
     import runtime
     from export.inputs import sample_batch
-    from export.metrics import max_rel
+    from models.metrics import max_rel
     from export.source import build_models, make_source
 
     reference, inference, meta = build_models(make_source(name, img_size=64))
@@ -253,26 +253,36 @@ def test_failing_converter_leaves_previous_artifacts_untouched(tmp_path, capsys,
     assert [p.name for p in dest.parent.iterdir()] == ["split_cat-fc"]  # no build dir left behind
 
 
-def test_parity_breach_exits_1_and_keeps_artifacts_marked_failed(tmp_path, capsys, monkeypatch):
-    def failing_parity(artifact_dir, reference, inference, meta, gates=None):
+@pytest.mark.parametrize("previous", ["passed", "failed"])
+def test_parity_breach_exits_1_and_never_replaces_a_passing_export(previous, tmp_path, capsys, monkeypatch):
+    """A failed export is kept for inspection (status "failed"): in place of a failed previous one, beside a
+    passing one (<tag>.failed), which stays byte-identical."""
+    def failing_parity(artifact_dir, reference, inference, meta, gates=None, target_names=None):
         assert (artifact_dir / "model.mnn").is_file() and meta["precision"] == "fp32"
         return {"passed": False, "breaches": ["mnn_fp32: max_rel 2e-04 > 1e-04"], "gates": {}, "results": {},
                 "markdown": "| table |"}
 
     monkeypatch.setattr(pipeline, "_parity_function", lambda: (failing_parity, None))
     dest = _previous_artifacts(tmp_path)
-    assert main(["fasternet_t0", "--img-size", "64", "--out", str(tmp_path), "--precision", "fp32", *FORMS]) == 1
-    manifest = json.loads((dest / "manifest.json").read_text())
+    (dest / "manifest.json").write_text(json.dumps({"status": previous}))
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    assert main(["fasternet_t0", "--img-size", "64", "--out", str(tmp_path), "--targets", "ort,mnn_fp32",
+                 *FORMS]) == 1
+    failed = dest.with_name(dest.name + ".failed") if previous == "passed" else dest
+    manifest = json.loads((failed / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "max_rel 2e-04" in manifest["status_reason"]
-    assert (dest / "model.onnx").read_bytes() != b"previous good export"
+    assert (failed / "model.onnx").read_bytes() != b"previous good export"
     assert sorted(manifest["files"]) == ["export.log", "model.mnn", "model.onnx"]
-    assert "FAILED" in (dest / "report.md").read_text()
+    assert "FAILED" in (failed / "report.md").read_text()
+    if previous == "passed":
+        assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+        assert str(failed) in capsys.readouterr().out
 
 
 def test_missing_parity_gate_is_visible_and_marks_unchecked(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "_parity_function", lambda: (None, "export/parity.py not found"))
     argv = ["fasternet_t0", "--img-size", "64", "--out", str(tmp_path), "--features-only", "--dynamic-batch",
-            "--formats", "onnx", "--pconv", "slicing", "--mlp", "fc"]
+            "--targets", "ort", "--pconv", "slicing", "--mlp", "fc"]
     assert main(argv) == 0
     dest = tmp_path / "fasternet_t0" / "slicing-fc-features"
     manifest = json.loads((dest / "manifest.json").read_text())

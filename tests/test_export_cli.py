@@ -69,7 +69,7 @@ def test_export_succeeds_quietly(exports):
     assert first.returncode == 0, first.stderr
     assert "The device supports" not in first.stdout + first.stderr  # MNN's C-level print is silenced
     assert "Converted Success" not in first.stdout + first.stderr
-    for step in ("create model", "calibrate", "ONNX export", "simplify", "MNN convert int8w", "parity gate"):
+    for step in ("create model", "calibrate", "ONNX export", "simplify", "mnn_int8w → model.int8w.mnn", "parity gate"):
         assert step in first.stdout
     assert "PASSED" in first.stdout
 
@@ -100,9 +100,9 @@ def test_layout_and_manifest(exports):
     assert "ScatterND" not in hist and hist["Split"] == hist["Concat"] == 13
     assert manifest["onnx"]["lint"] == []
     assert {"torch", "onnx", "MNN", "onnxsim"} <= set(manifest["tools"])
-    assert all(t >= 0 for t in manifest["timings_s"].values()) and "MNN convert fp16" in manifest["timings_s"]
+    assert all(t >= 0 for t in manifest["timings_s"].values()) and "mnn_fp16w → model.fp16.mnn" in manifest["timings_s"]
     report = (dest / "report.md").read_text()
-    assert "PASSED" in report and "MNN convert int8w" in report and "| mnn_fp32 |" in report
+    assert "PASSED" in report and "mnn_int8w → model.int8w.mnn" in report and "| mnn_fp32 |" in report
 
 
 def test_metadata_in_onnx_and_every_mnn_file(exports):

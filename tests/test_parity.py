@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from export import parity
-from export.metrics import check_gates, compare, max_rel
+from export import parity, targets
+from models.metrics import check_gates, compare, max_rel
 
 IMG = 128
-MNN_FILES = {"fp32": "model.mnn", "fp16": "model.fp16.mnn", "int8w": "model.int8w.mnn"}
 GELU_OPS = {"Div", "Erf", "Add", "Mul", "Gelu"}
-ALL_BACKENDS = {"torch_inference", "ort", "mnn_fp32", "mnn_fp16w", "mnn_int8w", "mnn_low"}
+ALL_BACKENDS = {t.name for t in targets.TARGETS}
+FLOAT_MNN = ("ort", "mnn_fp32", "mnn_fp16w", "mnn_int8w")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,42 +33,45 @@ def isolated(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def export_artifact(out, inference, meta, precisions=("fp32",), gelu_approximation=False, source=None):
-    """model.onnx (legacy exporter, opset 17, with metadata) + the requested MNN variants, laid out like an
-    export directory; a manifest with the source when given."""
-    from export.onnx_export import export_onnx, set_metadata
+def export_artifact(out, inference, meta, target_names=("ort", "mnn_fp32"), source=None):
+    """An export directory built by export.build.build_artifact; with `source`, a manifest listing its files."""
+    from export.build import build_artifact
 
     out.mkdir(parents=True, exist_ok=True)
-    graph = set_metadata(export_onnx(inference, out / "model.onnx", meta), meta)
-    (out / "model.onnx").write_bytes(graph.SerializeToString())
-    convert_variants(out, meta, precisions, gelu_approximation)
+    build_artifact(inference, meta, out, target_names)
     if source is not None:
-        (out / "manifest.json").write_text(json.dumps({"source": source}))
+        write_manifest(out, source, target_names)
     return out
 
 
-def convert_variants(out, meta, precisions, gelu_approximation=False):
+def write_manifest(out, source, target_names):
+    from export.manifest import file_entries
+
+    (out / "manifest.json").write_text(json.dumps({"source": source, "export": {"targets": list(target_names)},
+                                                   "files": file_entries(out)}))
+
+
+def convert_approximate_gelu(out, meta):
+    """model.mnn with the converter's default tanh GELU: a real defect for the gates to catch."""
     from export.mnn_convert import convert
     from export.onnx_export import metadata_json
 
-    for p in precisions:
-        convert(out / "model.onnx", out / MNN_FILES[p], metadata_json(dict(meta, precision=p)), p,
-                gelu_approximation=gelu_approximation)
+    convert(out / "model.onnx", out / "model.mnn", metadata_json(meta), "fp32", gelu_approximation=True)
 
 
 _BUILT = {}
 
 
-def built(name, tmp_path_factory, img=IMG, features_only=False, precisions=("fp32", "fp16", "int8w")):
+def built(name, tmp_path_factory, img=IMG, features_only=False, target_names=FLOAT_MNN):
     """(artifact_dir, reference, inference, meta) of a calibrated model, built once per session (img None: the
     model's configured size)."""
-    key = (name, img, features_only, precisions)
+    key = (name, img, features_only, target_names)
     if key not in _BUILT:
         from export.source import build_models, make_source
 
         source = make_source(name, img_size=img, features_only=features_only)
         reference, inference, meta = build_models(source)
-        out = export_artifact(tmp_path_factory.mktemp(name), inference, meta, precisions, source=source)
+        out = export_artifact(tmp_path_factory.mktemp(name), inference, meta, target_names, source=source)
         _BUILT[key] = (out, reference, inference, meta)
     return _BUILT[key]
 
@@ -168,7 +171,7 @@ def test_runtime_classify_agrees_with_the_parity_reference_on_photos(tmp_path_fa
 
 def test_feature_model_is_compared_at_every_scale(tmp_path_factory):
     out, reference, inference, meta = built("fasternet_t0", tmp_path_factory, img=64, features_only=True,
-                                            precisions=("fp32",))
+                                            target_names=("ort", "mnn_fp32"))
     r = parity.run_parity(out, reference, inference, meta)
     assert r["passed"], r["markdown"]
     assert set(r["results"]) == {"torch_inference", "ort", "mnn_fp32", "mnn_low"}
@@ -187,7 +190,7 @@ def test_approximate_gelu_is_caught_and_bisected_to_the_gelu(tmp_path_factory, t
     # FasterNet-T0 (GELU after a BatchNorm'd 1x1 conv): the tanh approximation costs ~1.5e-4 at the logits.
     out, reference, inference, meta = built("fasternet_t0", tmp_path_factory)
     bad = only(["model.onnx"], out, tmp_path / "approx")
-    convert_variants(bad, meta, ["fp32"], gelu_approximation=True)  # the converter's default, tanh GELU
+    convert_approximate_gelu(bad, meta)  # the converter's default, tanh GELU
     r = parity.run_parity(bad, reference, inference, meta)
     assert not r["passed"]
     assert any(b.startswith("mnn_fp32: max_rel") for b in r["breaches"]), r["breaches"]
@@ -219,7 +222,7 @@ def _perturb_one_folded_conv(reference, inference):
 def test_wrong_batchnorm_fold_is_caught_and_bisected_to_the_conv(tmp_path_factory, tmp_path):
     _, reference, inference, meta = built("fasternet_t0", tmp_path_factory)
     bad_inference, conv_name = _perturb_one_folded_conv(reference, inference)
-    out = export_artifact(tmp_path / "badfold", bad_inference, meta, ["fp32"])
+    out = export_artifact(tmp_path / "badfold", bad_inference, meta)
     r = parity.run_parity(out, reference, bad_inference, meta)
     assert not r["passed"]
     assert {"torch_inference", "ort", "mnn_fp32"} <= {b.split(":")[0] for b in r["breaches"]}, r["breaches"]
@@ -263,8 +266,42 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
 def test_cli_rebuilds_from_manifest_and_exits_1_on_breach(tmp_path_factory, tmp_path, capsys):
     out, *_ = built("convnext_atto", tmp_path_factory)
     d = only(["model.onnx", "model.int8w.mnn", "manifest.json"], out, tmp_path / "cli")
+    write_manifest(d, json.loads((out / "manifest.json").read_text())["source"], ["ort", "mnn_int8w"])
     code = parity.main([str(d), "--gates", '{"mnn_int8w": {"max_rel": 1e-4}}', "--no-bisect"])
     captured = capsys.readouterr()
     assert code == 1
     assert "mnn_int8w: max_rel" in captured.err and "| ort |" in captured.out
     assert not (d / "parity.json").exists()  # a re-check leaves the artifact untouched unless --write
+
+
+@pytest.mark.parametrize("defect", ["missing", "swapped", "tampered"])
+def test_cli_refuses_a_directory_that_is_not_its_manifest(defect, tmp_path_factory, tmp_path, capsys):
+    """Verified before any comparison: a deleted, swapped-in or edited file fails, naming that file."""
+    out, *_ = built("fasternet_t0", tmp_path_factory)
+    d = only(["model.onnx", "model.mnn", "model.int8w.mnn", "manifest.json"], out, tmp_path / defect)
+    write_manifest(d, json.loads((out / "manifest.json").read_text())["source"], ["ort", "mnn_fp32", "mnn_int8w"])
+    assert parity.main([str(d), "--no-bisect"]) == 0
+    capsys.readouterr()
+    victim = {"missing": "model.onnx", "swapped": "model.int8w.mnn", "tampered": "model.mnn"}[defect]
+    if defect == "missing":
+        (d / victim).unlink()
+    elif defect == "swapped":
+        (d / victim).write_bytes((d / "model.mnn").read_bytes())
+    else:
+        data = bytearray((d / victim).read_bytes())
+        data[len(data) // 2] ^= 1
+        (d / victim).write_bytes(bytes(data))
+    assert parity.main([str(d), "--no-bisect"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and victim in err[0], err
+
+
+def test_a_reference_that_ignores_its_input_is_degenerate(tmp_path_factory):
+    """Garbage weights (here: every conv zeroed) make all backends agree; parity must not call that a pass."""
+    out, reference, inference, meta = built("fasternet_t0", tmp_path_factory)
+    dead = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in dead.parameters():
+            p.zero_()
+    r = parity.run_parity(out, dead, None, meta, write=False, bisect=False)
+    assert not r["passed"] and r["breaches"][0].startswith("reference:"), r["breaches"]

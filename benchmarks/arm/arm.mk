@@ -1,6 +1,6 @@
 # ARM without a board (include from the top Makefile): MNN's aarch64 kernels under qemu-user.
 #   make arm-setup                      aarch64 CPython + MNN + TCG plugin under $(ARM_CACHE) (network, once)
-#   make arm  [ARM_DIRS="artifacts/m/tag ..."] [ARM_ARGS="--fp16-gate 1e-2"]      parity vs ONNX Runtime
+#   make arm  [ARM_DIRS="artifacts/m/tag ..."] [ARM_ARGS='--gates {"mnn_low": {"max_rel": 1e-2}}']      parity, judged as on the host
 #   make arm-cost [ARM_MODELS="artifacts/m ..."] [ARM_COST_ARGS=...]               instruction counts
 ARM_CACHE     ?= .cache/arm
 ARM_DIRS      ?=

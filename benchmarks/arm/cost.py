@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 
 from models.errors import EdgeportError
+from runtime.atomic import write_json
 
-from .parity import read_metadata, write_json
+from .parity import read_metadata
 from .run import COUNT_KEYS, REPO, guest_infer, versions
 
 DEFAULT_CONFIGS = ("cortex-a53:normal", "neoverse-n1:normal", "neoverse-n1:low")

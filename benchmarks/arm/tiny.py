@@ -10,9 +10,7 @@ BN statistics are calibrated on real photos and the head scaled, so parity is ju
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -124,30 +122,12 @@ def build(pconv: str, mlp: str, state_dict: dict) -> nn.Module:
     return model.eval()
 
 
-def _mnnconvert(onnx_path, mnn_path, meta, fp16=False):
-    from export.mnn_convert import convert
-
-    convert(onnx_path, mnn_path, json.dumps(meta), precision="fp16" if fp16 else "fp32",
-            log_path=os.path.join(os.path.dirname(mnn_path), "convert.log"))
-
-
 def export_artifact(model: nn.Module, out_dir: str, meta: dict) -> str:
-    """model.onnx (opset 17, metadata "edgeport"), model.mnn and model.fp16.mnn (bizCode = metadata)."""
-    import onnx
+    """model.onnx, model.mnn and model.fp16.mnn, built by the export's own `build_artifact`."""
+    from export.build import build_artifact
 
     os.makedirs(out_dir, exist_ok=True)
-    onnx_path = os.path.join(out_dir, "model.onnx")
-    x = torch.zeros(1, *meta["input_shape"][1:])
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        raw = os.path.join(tmp, "raw.onnx")
-        torch.onnx.export(model, (x,), raw, dynamo=False, opset_version=17, input_names=["input"],
-                          output_names=list(meta["output_names"]))
-        proto = onnx.load(raw)
-        proto.metadata_props.add(key="edgeport", value=json.dumps(meta))
-        onnx.save(proto, raw)
-        os.replace(raw, onnx_path)
-    _mnnconvert(onnx_path, os.path.join(out_dir, "model.mnn"), meta)
-    _mnnconvert(onnx_path, os.path.join(out_dir, "model.fp16.mnn"), {**meta, "precision": "fp16"}, fp16=True)
+    build_artifact(model, meta, out_dir, ("ort", "mnn_fp32", "mnn_fp16w"))
     return out_dir
 
 

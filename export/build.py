@@ -1,0 +1,89 @@
+"""`build_artifact`: an inference-form network → the files of the chosen targets, in one directory.
+
+UI-free: no console, no spinner. `step(name)` (a context-manager factory) wraps each stage for a caller that
+shows progress; C libraries' output goes to `log` unless `verbose`. The export CLI, the benchmarks, the ARM
+harness and the tests all build artifacts through this one function.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+from torch import nn
+
+from models.errors import EdgeportError
+
+from . import graph, onnx_export, targets
+from ._console import redirect_fds
+
+LOG = "export.log"
+
+
+@dataclass
+class BuildContext:
+    """What a target's `produce` gets: where to write, the metadata to embed, and the float ONNX."""
+
+    out_dir: Path
+    meta: dict
+    log: Path
+    verbose: bool
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.out_dir / "model.onnx"
+
+    def path(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def mnn_source(self) -> Path:
+        """The ONNX graph MNN's converter reads."""
+        return self.onnx_path
+
+
+def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.DEFAULT_TARGETS, *,
+                   opset: int = onnx_export.DEFAULT_OPSET, exporter: str = "legacy", simplifier: str = "onnxsim",
+                   log=None, verbose: bool = False,
+                   step: Callable[[str], AbstractContextManager] | None = None) -> dict:
+    """Export `model` (eval, inference form) to out_dir/model.onnx (checked, simplified, linted, with `meta`
+    embedded), then produce every selected target's file from it. model.onnx is always written: every other
+    file derives from it and bisection reads it. Returns {"targets": [...], "onnx": {...op histograms, lint}}.
+    Raises EdgeportError when a step fails."""
+    step = step or (lambda name: nullcontext())
+    chosen = targets.select(target_names)
+    out_dir = Path(out_dir)
+    ctx = BuildContext(out_dir, meta, Path(log) if log else out_dir / LOG, verbose)
+    quiet = not verbose
+    raw_path = out_dir / "model.raw.onnx"
+
+    with step(f"ONNX export (opset {opset}, {exporter})"):
+        try:
+            with redirect_fds(ctx.log, quiet):
+                exported = onnx_export.export_onnx(model, raw_path, meta, opset, exporter)
+        except EdgeportError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise EdgeportError(f"ONNX export failed: {type(e).__name__}: {first}") from None
+        finally:
+            raw_path.unlink(missing_ok=True)
+    with step("onnx.checker (full)"):
+        onnx_export.full_check(exported, "exported")
+    with step(f"simplify ({simplifier})"), redirect_fds(ctx.log, quiet):
+        final = onnx_export.simplify(exported, simplifier)
+    with step("graph lint"):
+        hist_raw, hist = graph.op_histogram(exported), graph.op_histogram(final)
+        warnings = graph.lint(hist, meta.get("pconv"), meta.get("mlp"), meta["input_shape"][0] == -1)
+    with step("ONNX metadata + save"):
+        onnx_export.set_metadata(final, meta)
+        onnx.save_model(final, str(ctx.onnx_path))
+
+    for target in chosen:
+        if target.produce is not None and target.file != ctx.onnx_path.name:
+            with step(f"{target.name} → {target.file}"):
+                target.produce(ctx)
+    return {"targets": [t.name for t in chosen],
+            "onnx": {"op_histogram_exported": hist_raw, "op_histogram": hist, "lint": warnings,
+                     "nodes_exported": sum(hist_raw.values()), "nodes": sum(hist.values())}}

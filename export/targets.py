@@ -1,0 +1,109 @@
+"""The artifact targets: the one list of what an export can ship, how each file is made, how the runtime runs
+it, and what it must prove. Everything else (the export CLI, parity on the host and under ARM emulation,
+bisection, benchmarks, tests) reads this registry; adding a target is adding a record here.
+
+A target's `produce(ctx)` writes `file` into the build directory from the float ONNX (`ctx.onnx_path`) or
+from another target's file. `made_from` names the stage the file was derived from: bisection compares a
+breaching target with that stage first, to tell an inherited divergence from a new one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from models.errors import EdgeportError
+
+from . import mnn_convert
+
+INFERENCE = "torch_inference"  # the PyTorch inference form: a stage every target is judged after, not a file
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    file: str | None           # the file it ships; None for the PyTorch inference stage
+    engine: str                # how it runs: "torch", or a runtime.load backend ("onnxruntime", "mnn")
+    precision: str             # runtime.load precision: "fp32", or "low" (MNN fp16/bf16 arithmetic)
+    made_from: str             # the stage it is derived from (bisection's first suspect)
+    gates: Mapping[str, float]  # {metric: threshold} against the PyTorch training form (export.parity)
+    description: str
+    produce: Callable | None = None  # produce(ctx: build.BuildContext) writes `file`; None: runs another's file
+    default: bool = True       # part of every export unless --targets says otherwise
+    bisect: str = "onnx"       # how a breach is localised: "torch" (module hooks), "onnx" (graph probes)
+    compute: str = field(default="fp32")  # arithmetic the file asks for: fp32 | fp16 | int8 (ARM harness)
+
+
+def _mnn(precision: str):
+    def produce(ctx) -> None:
+        from .onnx_export import metadata_json
+
+        mnn_convert.convert(ctx.mnn_source(), ctx.path(mnn_convert.FILENAMES[precision]),
+                            metadata_json({**ctx.meta, "precision": precision}), precision,
+                            log_path=ctx.log, verbose=ctx.verbose)
+    return produce
+
+
+def _onnx(ctx) -> None:
+    """Nothing to do: model.onnx is the build's first product, every other file derives from it."""
+
+
+def _gates(**limits) -> Mapping[str, float]:
+    return MappingProxyType(limits)
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(INFERENCE, None, "torch", "fp32", "reference", _gates(max_rel=1e-5),
+           "PyTorch inference form (models.to_inference)", bisect="torch"),
+    Target("ort", "model.onnx", "onnxruntime", "fp32", INFERENCE, _gates(max_rel=1e-5),
+           "ONNX, fp32 (ONNX Runtime)", produce=_onnx),
+    Target("mnn_fp32", "model.mnn", "mnn", "fp32", "ort", _gates(max_rel=1e-4),
+           "MNN, fp32", produce=_mnn("fp32")),
+    Target("mnn_fp16w", "model.fp16.mnn", "mnn", "fp32", "ort", _gates(max_rel=1e-2),
+           "MNN, fp16-stored weights, fp32 arithmetic", produce=_mnn("fp16")),
+    Target("mnn_int8w", "model.int8w.mnn", "mnn", "fp32", "ort", _gates(max_rel=5e-2, top1=0.9),
+           "MNN, int8-stored weights, fp32 arithmetic", produce=_mnn("int8w")),
+    Target("mnn_low", "model.mnn", "mnn", "low", "mnn_fp32", _gates(max_rel=3e-2),
+           "MNN, fp32 file with precision='low' (fp16 arithmetic on ARMv8.2+; fp32 on x86)", compute="fp16"),
+    Target("mnn_fp16w_low", "model.fp16.mnn", "mnn", "low", "mnn_fp16w", _gates(max_rel=3e-2),
+           "MNN, fp16-stored weights with precision='low' (fp16 arithmetic on ARMv8.2+)", compute="fp16"),
+)
+TARGET_BY_NAME: Mapping[str, Target] = MappingProxyType({t.name: t for t in TARGETS})
+ARTIFACTS = tuple(t for t in TARGETS if t.file)  # the targets that are files to ship and run
+DEFAULT_TARGETS = tuple(t.name for t in ARTIFACTS if t.default)
+
+
+def get(name: str) -> Target:
+    try:
+        return TARGET_BY_NAME[name]
+    except KeyError:
+        raise EdgeportError(f"unknown target '{name}'; known: {', '.join(TARGET_BY_NAME)}") from None
+
+
+def select(names) -> tuple[Target, ...]:
+    """The artifact targets named (registry order), with every target they need to be made from."""
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise EdgeportError(f"no target selected; choose from {', '.join(t.name for t in ARTIFACTS)}")
+    chosen = set()
+    for name in names:
+        target = get(name)
+        if target.file is None:
+            raise EdgeportError(f"'{name}' is not an artifact target; choose from "
+                                f"{', '.join(t.name for t in ARTIFACTS)}")
+        chosen.update({name, producer(target).name})
+    return tuple(t for t in ARTIFACTS if t.name in chosen)
+
+
+def producer(target: Target) -> Target:
+    """The target whose `produce` writes `target.file` (itself, or the one whose file it runs)."""
+    return next(t for t in ARTIFACTS if t.file == target.file and t.produce is not None)
+
+
+def for_file(filename: str, precision: str = "fp32") -> Target | None:
+    """The target that runs `filename` at `precision`, or None."""
+    return next((t for t in ARTIFACTS if t.file == filename and t.precision == precision), None)
+
+
+def default_gates() -> dict[str, dict[str, float]]:
+    return {t.name: dict(t.gates) for t in TARGETS}
