@@ -83,7 +83,7 @@ def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.D
     for target in chosen:
         if target.produce is not None and target.file != ctx.onnx_path.name:
             with step(f"{target.name} → {target.file}"):
-                target.produce(ctx)
+                target.produce(ctx, target)
     return {"targets": [t.name for t in chosen],
             "onnx": {"op_histogram_exported": hist_raw, "op_histogram": hist, "lint": warnings,
                      "nodes_exported": sum(hist_raw.values()), "nodes": sum(hist.values())}}

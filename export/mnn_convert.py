@@ -19,7 +19,6 @@ from models.errors import EdgeportError
 from ._console import redirect_fds
 
 PRECISIONS = ("fp32", "fp16", "int8w")
-FILENAMES = {"fp32": "model.mnn", "fp16": "model.fp16.mnn", "int8w": "model.int8w.mnn"}
 _PRECISION_ARGS = {"fp32": [], "fp16": ["--fp16"], "int8w": ["--weightQuantBits", "8"]}
 _NET_UUID_FIELD = 11  # Net.mnn_uuid: the 12th field of the root table in MNN's schema/default/MNN.fbs
 # The converter keeps a scratch file `.__convert_external_data.bin` in the working directory: two conversions

@@ -2,7 +2,7 @@
 it, and what it must prove. Everything else (the export CLI, parity on the host and under ARM emulation,
 bisection, benchmarks, tests) reads this registry; adding a target is adding a record here.
 
-A target's `produce(ctx)` writes `file` into the build directory from the float ONNX (`ctx.onnx_path`) or
+A target's `produce(ctx, target)` writes `file` into the build directory from the float ONNX (`ctx.onnx_path`) or
 from another target's file. `made_from` names the stage the file was derived from: bisection compares a
 breaching target with that stage first, to tell an inherited divergence from a new one.
 """
@@ -28,23 +28,24 @@ class Target:
     made_from: str             # the stage it is derived from (bisection's first suspect)
     gates: Mapping[str, float]  # {metric: threshold} against the PyTorch training form (export.parity)
     description: str
-    produce: Callable | None = None  # produce(ctx: build.BuildContext) writes `file`; None: runs another's file
+    produce: Callable | None = None  # produce(ctx: build.BuildContext, target) writes `file`; None: runs another's
     default: bool = True       # part of every export unless --targets says otherwise
     bisect: str = "onnx"       # how a breach is localised: "torch" (module hooks), "onnx" (graph probes)
     compute: str = field(default="fp32")  # arithmetic the file asks for: fp32 | fp16 | int8 (ARM harness)
 
 
 def _mnn(precision: str):
-    def produce(ctx) -> None:
+    """MNN's converter with its `precision` flags (export.mnn_convert.PRECISIONS), from the float ONNX."""
+    def produce(ctx, target: Target) -> None:
         from .onnx_export import metadata_json
 
-        mnn_convert.convert(ctx.mnn_source(), ctx.path(mnn_convert.FILENAMES[precision]),
+        mnn_convert.convert(ctx.mnn_source(), ctx.path(target.file),
                             metadata_json({**ctx.meta, "precision": precision}), precision,
                             log_path=ctx.log, verbose=ctx.verbose)
     return produce
 
 
-def _onnx(ctx) -> None:
+def _onnx(ctx, target: Target) -> None:
     """Nothing to do: model.onnx is the build's first product, every other file derives from it."""
 
 

@@ -1,11 +1,11 @@
 """Deterministic aarch64 instruction counts per inference for each exported variant of a model.
 
-    python -m benchmarks.arm.cost [MODEL_DIR ...] [--configs cortex-a53:normal neoverse-n1:low] [--out DIR]
+    python -m benchmarks.arm.cost [MODEL_DIR ...] [--configs cortex-a53:mnn_fp32 neoverse-n1:mnn_fp16w_low]
 
-A MODEL_DIR is artifacts/<model>/ whose form-tag subdirs (fc vs conv MLP, PConv forms, ...) hold model.mnn
-(default: every artifacts/*/). Each variant is counted under each config (qemu -cpu : MNN precision; precision
-low uses model.fp16.mnn when present) by the insncount TCG plugin: total and by class (load/store, SIMD/FP,
-other), as ratios to the variant with the fc MLP form, and fp16 vs fp32 on the same CPU. Writes
+A MODEL_DIR is artifacts/<model>/ whose form-tag subdirs (fc vs conv MLP, PConv forms, ...) hold the MNN
+targets' files (default: every artifacts/*/). Each variant is counted under each config (qemu -cpu : MNN target
+of export.targets, run at that target's precision) by the insncount TCG plugin: total and by class (load/store,
+SIMD/FP, other), as ratios to the variant with the fc MLP form, and to mnn_fp32 on the same CPU. Writes
 arm_cost.json and arm_cost.md under benchmarks/results/arm/.
 
 Instruction counts are a proxy, not latency.
@@ -18,13 +18,16 @@ import os
 import sys
 from pathlib import Path
 
+from export import targets
+from export.tables import markdown_table
 from models.errors import EdgeportError
-from runtime.atomic import write_json
+from runtime.atomic import write_atomic, write_json
 
-from .parity import read_metadata
+from .parity import MNN_PRECISION, read_metadata
 from .run import COUNT_KEYS, REPO, guest_infer, versions
 
-DEFAULT_CONFIGS = ("cortex-a53:normal", "neoverse-n1:normal", "neoverse-n1:low")
+DEFAULT_CONFIGS = ("cortex-a53:mnn_fp32", "neoverse-n1:mnn_fp32", "neoverse-n1:mnn_fp16w_low")
+FP32 = targets.get("mnn_fp32")
 PROXY_NOTE = ("Instruction counts are a proxy, not latency: qemu counts the guest instructions MNN's "
               "aarch64 kernels execute, with no model of pipelines, caches, memory bandwidth or the "
               "throughput of fp16 versus fp32 units; emulated wall time is not ARM latency either. Use the "
@@ -32,7 +35,15 @@ PROXY_NOTE = ("Instruction counts are a proxy, not latency: qemu counts the gues
 
 
 def variant_dirs(model_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in model_dir.glob("*/model.mnn"))
+    return sorted(p.parent for p in model_dir.glob(f"*/{FP32.file}"))
+
+
+def parse_config(spec: str) -> tuple[str, targets.Target]:
+    cpu, _, name = spec.partition(":")
+    target = targets.get(name or FP32.name)
+    if target.engine != "mnn":
+        raise EdgeportError(f"--configs {spec}: {target.name} is not an MNN target")
+    return cpu, target
 
 
 def pick_baseline(variants: list[dict], tag: str | None) -> dict:
@@ -47,13 +58,16 @@ def pick_baseline(variants: list[dict], tag: str | None) -> dict:
     return (fc or variants)[0]
 
 
-def count_variant(vdir: Path, meta: dict, cpu: str, precision: str, repeat: int, cache) -> dict:
+def count_variant(vdir: Path, meta: dict, cpu: str, target, repeat: int, cache) -> dict | None:
+    """Counts of one target's file of one variant, or None when the variant has no such file."""
     from export.inputs import sample_batch
 
-    fp16 = vdir / "model.fp16.mnn"
-    path = fp16 if precision == "low" and fp16.is_file() else vdir / "model.mnn"
+    path = vdir / target.file
+    if not path.is_file():
+        return None
     x = sample_batch(meta, n_images=1, n_random=0)
-    runs = [guest_infer(path, x, cpu, precision, counted_runs=2, cache=cache) for _ in range(repeat)]
+    runs = [guest_infer(path, x, cpu, MNN_PRECISION[target.precision], counted_runs=2, cache=cache)
+            for _ in range(repeat)]
     counts = [{k: int(r.counts[-1][k]) for k in COUNT_KEYS} for r in runs]
     repeatable = all(c == counts[0] for c in counts) if repeat > 1 else None  # None: not checked
     return {"file": path.name, "counts": counts[0], "repeatable": repeatable,
@@ -79,21 +93,23 @@ def cost_model(model_dir, configs=DEFAULT_CONFIGS, baseline=None, repeat=2, cach
     base = pick_baseline(variants, baseline)
     rows = []
     for spec in configs:
-        cpu, _, precision = spec.partition(":")
-        precision = precision or "normal"
+        cpu, target = parse_config(spec)
         for v in variants:
-            res = count_variant(Path(v["dir"]), v["meta"], cpu, precision, repeat, cache)
+            res = count_variant(Path(v["dir"]), v["meta"], cpu, target, repeat, cache)
+            if res is None:
+                log(f"  {v['variant']:<24} {cpu:<12} {target.name:<14} no {target.file}: skipped")
+                continue
             row = {"variant": v["variant"], "pconv": v["pconv"], "mlp": v["mlp"], "cpu": cpu,
-                   "precision": precision, **res, "versions": {**host_versions, **res["versions"]}}
+                   "target": target.name, **res, "versions": {**host_versions, **res["versions"]}}
             rows.append(row)
-            log(f"  {v['variant']:<24} {cpu:<12} {precision:<6} {row['file']:<16} "
+            log(f"  {v['variant']:<24} {cpu:<12} {target.name:<14} {row['file']:<16} "
                 f"total {res['counts']['total']:>14,}  repeatable={res['repeatable']}")
     for r in rows:
-        b = next(x for x in rows if x["variant"] == base["variant"] and x["cpu"] == r["cpu"]
-                 and x["precision"] == r["precision"])
-        r["ratio_to_baseline"] = ratio(r["counts"], b["counts"])
+        b = [x for x in rows if x["variant"] == base["variant"] and x["cpu"] == r["cpu"]
+             and x["target"] == r["target"]]
+        r["ratio_to_baseline"] = ratio(r["counts"], b[0]["counts"]) if b else None
         fp32 = [x for x in rows if x["variant"] == r["variant"] and x["cpu"] == r["cpu"]
-                and x["precision"] == "normal"]
+                and x["target"] == FP32.name]
         r["ratio_to_fp32_same_cpu"] = ratio(r["counts"], fp32[0]["counts"]) if fp32 else None
     model = variants[0]["meta"].get("model") or model_dir.name
     return {"model": model, "dir": str(model_dir), "baseline": base["variant"], "rows": rows}
@@ -105,30 +121,31 @@ def markdown(report: dict) -> str:
     v = report["versions"]
     lines += ["Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)), ""]
     for m in report["models"]:
-        lines += [f"## {m['model']} (baseline for ratios: `{m['baseline']}`)", "",
-                  "| variant | pconv | mlp | cpu | precision | file | total | load/store | SIMD/FP | other "
-                  "| ×total vs baseline | ×load/store | ×SIMD/FP | ×other | ×total vs fp32 | repeatable |",
-                  "|---|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+        lines += [f"## {m['model']} (baseline for ratios: `{m['baseline']}`)", ""]
+        rows = []
         for r in m["rows"]:
             c, q, f32 = r["counts"], r["ratio_to_baseline"], r["ratio_to_fp32_same_cpu"]
-            vs_fp32 = f"{f32['total']:.3f}" if f32 else "-"
-            cells = [r["variant"], r["pconv"], r["mlp"], r["cpu"], r["precision"], r["file"],
-                     *(f"{c[k]:,}" for k in COUNT_KEYS), *(f"{q[k]:.3f}" for k in COUNT_KEYS), vs_fp32,
-                     r["repeatable"]]
-            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+            rows.append([r["variant"], r["pconv"], r["mlp"], r["cpu"], r["target"], r["file"],
+                         *(f"{c[k]:,}" for k in COUNT_KEYS),
+                         *(f"{q[k]:.3f}" if q else "-" for k in COUNT_KEYS),
+                         f"{f32['total']:.3f}" if f32 else "-", r["repeatable"]])
+        lines += markdown_table(["variant", "pconv", "mlp", "cpu", "target", "file", "total", "load/store",
+                                 "SIMD/FP", "other", "×total vs baseline", "×load/store", "×SIMD/FP", "×other",
+                                 "×total vs mnn_fp32", "repeatable"], rows, "llllllrrrrrrrrrl")
         lines.append("")
     return "\n".join(lines)
 
 
 def default_model_dirs(root="artifacts") -> list[str]:
-    found = glob.glob(os.path.join(root, "*", "*", "model.mnn"))
+    found = glob.glob(os.path.join(root, "*", "*", FP32.file))
     return sorted({os.path.dirname(os.path.dirname(p)) for p in found})
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="aarch64 instruction counts per inference, per exported variant")
     p.add_argument("model_dirs", nargs="*", help="artifacts/<model>/ dirs (default: all under artifacts/)")
-    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="CPU:PRECISION pairs")
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
+                   help="CPU:TARGET pairs (qemu -cpu model : MNN target, e.g. neoverse-n1:mnn_fp16w_low)")
     p.add_argument("--baseline", default=None,
                    help="variant (form-tag dir) the ratios divide by (default: the fc MLP form)")
     p.add_argument("--repeat", type=int, default=2, help="count each config this many times (must agree)")
@@ -138,7 +155,7 @@ def main(argv=None) -> int:
     try:
         dirs = a.model_dirs or default_model_dirs()
         if not dirs:
-            raise EdgeportError("no artifacts/<model>/<form>/model.mnn; run `make export` or pass model dirs")
+            raise EdgeportError(f"no artifacts/<model>/<form>/{FP32.file}; run `make export` or pass model dirs")
         models = []
         for d in dirs:
             print(f"{d}:", flush=True)
@@ -153,9 +170,7 @@ def main(argv=None) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "arm_cost.json", report)
-        tmp = out / "arm_cost.md.tmp"
-        tmp.write_text(markdown(report) + "\n")
-        os.replace(tmp, out / "arm_cost.md")
+        write_atomic(out / "arm_cost.md", markdown(report) + "\n")
     except EdgeportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

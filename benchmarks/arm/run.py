@@ -135,10 +135,10 @@ def guest_infer(mnn_path, inputs: np.ndarray, cpu: str = "cortex-a53", precision
     # from one run to the next.
     with tempfile.TemporaryDirectory(prefix="g", dir=work_root) as tmp:
         work = Path(tmp)
-        os.symlink(mnn_path.resolve(), work / "model.mnn")
+        os.symlink(mnn_path.resolve(), work / "net.mnn")
         np.save(work / "input.npy", np.ascontiguousarray(inputs, dtype=np.float32))
         counts_file = work / "counts.jsonl" if counted_runs else None
-        args = ["model.mnn", "input.npy", "out", "--precision", precision,
+        args = ["net.mnn", "input.npy", "out", "--precision", precision,
                 "--counted-runs", str(counted_runs)]
         stdout = _guest(env, cpu, args, work, counts_file)
         info = json.loads((work / "out" / "info.json").read_text())

@@ -1,0 +1,51 @@
+"""The artifact-target registry: one list, consistent records, and nothing else in the code naming its files."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from export import targets
+from models.errors import EdgeportError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_records_are_consistent():
+    names = [t.name for t in targets.TARGETS]
+    assert len(names) == len(set(names))
+    runs = [(t.file, t.precision) for t in targets.ARTIFACTS]
+    assert len(runs) == len(set(runs)), "two targets run the same file the same way"
+    for t in targets.ARTIFACTS:
+        assert t.made_from in names or t.made_from == "reference"
+        assert t.gates and all(v >= 0 for v in t.gates.values())
+        assert targets.producer(t).produce is not None  # every shipped file has a maker
+        assert targets.for_file(t.file, t.precision) is t
+    with pytest.raises(TypeError):
+        targets.get("ort").gates["max_rel"] = 1.0  # frozen: nobody loosens a gate in place
+
+
+def test_select_adds_what_a_target_is_made_from():
+    assert [t.name for t in targets.select(["mnn_low"])] == ["mnn_fp32", "mnn_low"]
+    assert [t.name for t in targets.select(["mnn_fp32", "ort", "ort"])] == ["ort", "mnn_fp32"]
+    for bad in ([], ["tflite"], [targets.INFERENCE]):
+        with pytest.raises(EdgeportError):
+            targets.select(bad)
+
+
+def test_no_other_module_lists_the_artifact_files():
+    """Adding a target is adding a record: file names of targets appear in code only in export/targets.py."""
+    files = {t.file for t in targets.ARTIFACTS if t.file != "model.onnx"}  # model.onnx: the build's own input
+    pattern = re.compile("|".join(re.escape(f) for f in files))
+    offenders = []
+    for package in ("export", "runtime", "models", "benchmarks"):
+        for path in (ROOT / package).rglob("*.py"):
+            if (path.name == "targets.py" and path.parent.name == "export") or path.name.startswith("guest_"):
+                continue  # guest_*.py run inside emulated userlands that have no export package
+            code = "\n".join(line for line in path.read_text().splitlines()
+                             if not line.lstrip().startswith("#"))
+            code = re.sub(r'"""(.*?)"""', "", code, flags=re.S)  # docstrings may mention them
+            if pattern.search(code):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders
