@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -16,6 +15,9 @@ import numpy as np
 
 from runtime import EdgeRuntimeError, load
 from runtime.engines import import_mnn, mnn_runtime_manager
+from runtime.infer import OneLineParser, cli_main, int_in
+
+MAX_RUNS = 10_000_000  # 80 MB of latencies; more is a typo
 
 
 def rss_mb() -> float:
@@ -75,6 +77,7 @@ def measure(path: str, n: int, threads: int, precision: str, overhead_runs: int)
     t = time.perf_counter()
     predictor = load(path, threads=threads, precision=precision)
     load_ms = (time.perf_counter() - t) * 1e3
+    threads = predictor.threads  # capped for onnxruntime above the CPU count: the bare engine gets the same
     rss_loaded = rss_mb()
     if not predictor.input_shape:
         raise EdgeRuntimeError(f"{path}: input shape unknown (no edgeport metadata); cannot make an input")
@@ -126,19 +129,19 @@ def report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.runtime_bench",
-                                description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m benchmarks.runtime_bench", description=__doc__.split("\n\n")[0],
+                      epilog="Exit status: 0 ok; 2 bad input or option (one line); 1 internal error.")
     p.add_argument("artifact", help=".mnn or .onnx file exported by edgeport")
-    p.add_argument("--n", type=int, default=10_000, help="inferences for the RSS-growth run (default: 10000)")
-    p.add_argument("--overhead-runs", type=int, default=1000,
+    p.add_argument("--n", type=int_in(1, MAX_RUNS), default=10_000,
+                   help="inferences for the RSS-growth run (default: 10000)")
+    p.add_argument("--overhead-runs", type=int_in(1, MAX_RUNS), default=1000,
                    help="interleaved pairs for the overhead (default: 1000)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--precision", choices=("fp32", "low"), default="fp32")
+    p.add_argument("--threads", type=int_in(1), default=1,
+                   help="intra-op threads (default: 1); above the CPU count warns, and onnxruntime is capped")
+    p.add_argument("--precision", choices=("fp32", "low"), default="fp32", help="MNN arithmetic (MNN only)")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = p.parse_args(argv)
     try:
-        if args.n < 1 or args.overhead_runs < 1:
-            raise EdgeRuntimeError("--n and --overhead-runs must be >= 1")
         result = measure(args.artifact, args.n, args.threads, args.precision, args.overhead_runs)
     except EdgeRuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -148,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -28,18 +28,41 @@ def check_size(size: tuple[int, int], name: str = "image") -> None:
             f"{MAX_IMAGE_PIXELS // 1_000_000} MP); downscale it first")
 
 
+# Full scales tried in order for float ("F") images: [0, 1] floats, 8-bit and 16-bit samples stored as floats.
+FLOAT_FULL_SCALES = (1.0, 255.0, 65535.0)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode → 8-bit RGB. 16-bit greyscale is rescaled (65535 → 255), not clipped as Pillow's
-    convert does; alpha is dropped as timm / torchvision loaders do, so inputs match what the models saw."""
+    """Any Pillow mode → 8-bit RGB; alpha is dropped as timm / torchvision loaders do, so inputs match what the
+    models saw. Pillow's own convert clips wider samples to 255; we rescale them instead (scale_samples):
+    16-bit ("I;16*") by 255/65535, 32-bit "I" the same when its samples fit 16 bits, float "F" by the smallest
+    full scale holding all its samples (1, 255 or 65535); other ranges (negative values) are min-max stretched."""
     if img.mode == "RGB":
         return img
-    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N and 32-bit I holding 16-bit samples
-        x = np.asarray(img).astype(np.int64)
-        x = (np.clip(x, 0, 65535) * 255 + 32767) // 65535
-        return Image.fromarray(x.astype(np.uint8), "L").convert("RGB")
+    if img.mode.startswith("I;16"):
+        return _grey(scale_samples(np.asarray(img), (65535.0,)))
+    if img.mode in ("I", "F"):
+        return _grey(scale_samples(np.asarray(img), FLOAT_FULL_SCALES if img.mode == "F" else (65535.0,)))
     if img.mode == "P":  # via RGBA so palette transparency does not raise Pillow's warning
         img = img.convert("RGBA")
     return img.convert("RGB")
+
+
+def scale_samples(x: np.ndarray, full_scales=FLOAT_FULL_SCALES) -> np.ndarray:
+    """Greyscale samples → uint8: [0, s] → 0..255 for the first full scale s holding them all, else min → 0 and
+    max → 255. NaN/Inf samples raise EdgeRuntimeError."""
+    x = x.astype(np.float64)
+    if x.size and not np.isfinite(x).all():
+        raise EdgeRuntimeError("image has NaN/Inf pixel values; fix or re-save the image")
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    scale = next((s for s in full_scales if lo >= 0 and hi <= s), None)
+    if scale is None:
+        x, scale = x - lo, (hi - lo) or 1.0
+    return np.floor(x * (255.0 / scale) + 0.5).astype(np.uint8)
+
+
+def _grey(x: np.ndarray) -> Image.Image:
+    return Image.fromarray(x, "L").convert("RGB")
 
 
 def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
@@ -69,3 +92,5 @@ def _decode(img: Image.Image, name: str) -> Image.Image:
         return to_rgb(ImageOps.exif_transpose(img))
     except _DECODE_ERRORS as e:
         raise EdgeRuntimeError(f"{name}: cannot decode image: {e}") from None
+    except EdgeRuntimeError as e:
+        raise EdgeRuntimeError(f"{name}: {e}") from None

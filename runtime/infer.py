@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -20,20 +21,73 @@ from .errors import EdgeRuntimeError
 from .predictor import Predictor, load
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+MAX_BENCH_RUNS = 1_000_000
+DEFAULT_TOPK = 5
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one stderr line (no usage block), still exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def int_in(lo: int, hi: int | None = None):
+    """argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def cli_main(main, argv=None) -> int:
+    """main(argv) for a `python -m` entry point: its exit status, warnings as one "warning:" line each, and
+    never a traceback (Ctrl-C 130; a closed stdout pipe 0; out of memory 2; anything else, a bug, 1)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RuntimeWarning)
+            warnings.showwarning = _one_line_warning
+            return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `| head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except MemoryError:
+        print("error: out of memory; use a smaller model, batch or run count", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug of ours: still one line, and a status unlike bad input's
+        print(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (please report it)",
+              file=sys.stderr)
+        return 1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m runtime.infer", description=__doc__.split("\n\n")[0],
-        epilog="\n".join(__doc__.splitlines()[2:]) + "\n\nExit status: 0 ok, 2 on any error (one line each).",
+        epilog="\n".join(__doc__.splitlines()[2:]) + "\n\nExit status: 0 ok; 2 bad input or option, or any image "
+               "failed (one line each); 1 internal error; 130 interrupted.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="artifact: .mnn (MNN) or .onnx (onnxruntime); preprocessing comes from "
                                  "its embedded metadata")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files, or directories (their image files, sorted, not recursive)")
-    p.add_argument("--topk", type=int, default=5, help="classes to print per image (default: 5)")
+    p.add_argument("--topk", type=int_in(1), help=f"classes to print per image (default: {DEFAULT_TOPK})")
     p.add_argument("--labels", metavar="FILE", help="text file: one class name a line, in class-index order")
-    p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads (default: 1)")
+    p.add_argument("--threads", type=int_in(1), default=1,
+                   help="intra-op CPU threads (default: 1); above the CPU count warns, and onnxruntime is capped")
     p.add_argument("--precision", choices=("fp32", "low"), default="fp32",
                    help="MNN arithmetic: fp32, or low = fp16/bf16 where the CPU supports it (ARMv8.2+)")
     p.add_argument("--winograd", choices=("accurate", "fast"), default="accurate",
@@ -43,12 +97,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", choices=("auto", "mnn", "onnxruntime"), default="auto",
                    help="engine (default: from the file extension)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    p.add_argument("--bench", type=int, default=0, metavar="N",
+    p.add_argument("--bench", type=int_in(0, MAX_BENCH_RUNS), default=0, metavar="N",
                    help="also time N inferences on the first image: load time, latency median / p90")
     return p.parse_args(argv)
 
 
+MAX_LABELS_BYTES = 16 << 20  # 1000 ImageNet names take 30 KB; this keeps /dev/zero or a video from being read
+
+
 def read_labels(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise EdgeRuntimeError(f"{path}: no such labels file (or not a regular file)")
+    if os.path.getsize(path) > MAX_LABELS_BYTES:
+        raise EdgeRuntimeError(f"{path}: {os.path.getsize(path)} bytes, too large for a labels file "
+                               "(one class name a line)")
     try:
         with open(path, encoding="utf-8") as f:
             labels = [line.strip() for line in f]
@@ -64,8 +126,11 @@ def expand_images(args: list[str]) -> list[str]:
     paths = []
     for arg in args:
         if os.path.isdir(arg):
-            found = sorted(os.path.join(arg, n) for n in os.listdir(arg)
-                           if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+            try:
+                names = os.listdir(arg)
+            except OSError as e:
+                raise EdgeRuntimeError(f"{arg}: cannot list directory ({e.strerror})") from None
+            found = sorted(os.path.join(arg, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
             if not found:
                 kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
                 raise EdgeRuntimeError(f"{arg}: directory has no image files ({kinds})")
@@ -111,13 +176,16 @@ def bench(predictor: Predictor, path: str, runs: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.topk < 1 or args.bench < 0:
-            raise EdgeRuntimeError("--topk must be >= 1 and --bench >= 0")
         t = time.perf_counter()
         predictor = load(args.model, backend=args.backend, threads=args.threads, precision=args.precision,
                          winograd=args.winograd)
         load_ms = (time.perf_counter() - t) * 1e3
         predictor.require_metadata()
+        if predictor.meta.get("task", "classification") != "classification":
+            given = [o for o, v in (("--labels", args.labels), ("--topk", args.topk)) if v is not None]
+            if given:
+                raise EdgeRuntimeError(f"{' and '.join(given)}: for classifiers only; {args.model} is a "
+                                       f"{predictor.meta['task']} model (it prints output shapes): drop them")
         labels = read_labels(args.labels) if args.labels else None
         n_classes = predictor.meta.get("num_classes")
         if labels is not None and n_classes and len(labels) != n_classes:
@@ -130,7 +198,7 @@ def main(argv=None) -> int:
     results, failed = [], 0
     for path in paths:
         try:
-            result = infer_one(predictor, path, args.topk, labels)
+            result = infer_one(predictor, path, args.topk or DEFAULT_TOPK, labels)
         except EdgeRuntimeError as e:
             result, failed = {"image": path, "error": str(e)}, failed + 1
             print(f"error: {e}", file=sys.stderr)
@@ -143,7 +211,7 @@ def main(argv=None) -> int:
     if args.bench and ok:
         timing = {"load_ms": load_ms, **bench(predictor, ok[0], args.bench)}
         if not args.json:
-            print(f"bench ({predictor.backend}, threads={args.threads}, precision={args.precision}): "
+            print(f"bench ({predictor.backend}, threads={predictor.threads}, precision={args.precision}): "
                   f"load {timing['load_ms']:.1f} ms, preprocess {timing['preprocess_ms']:.1f} ms, "
                   f"inference median {timing['median_ms']:.2f} ms, p90 {timing['p90_ms']:.2f} ms "
                   f"over {args.bench} runs")
@@ -156,4 +224,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Union
 
@@ -12,7 +13,7 @@ from PIL import Image
 from .engines import ENGINES, EXTENSIONS, WINOGRAD_LEVEL
 from .errors import EdgeRuntimeError
 from .images import load_image
-from .preprocess import INTERPOLATIONS
+from .preprocess import check_metadata
 from .preprocess import preprocess as preprocess_image
 
 PREPROCESS_KEYS = ("input_shape", "mean", "std", "crop_pct", "interpolation")
@@ -55,8 +56,35 @@ def load(path: str | os.PathLike, backend: str = "auto", threads: int = 1,
         raise EdgeRuntimeError(f"threads must be a positive integer, got {threads!r}")
     if not os.path.isfile(path):
         raise EdgeRuntimeError(f"{path}: no such model file")
-    engine = ENGINES[BACKEND_ALIASES[backend]](path, threads, precision, winograd)
-    return Predictor(engine, path)
+    backend = BACKEND_ALIASES[backend]
+    threads = capped_threads(threads, backend)
+    engine = ENGINES[backend](path, threads, precision, winograd)
+    predictor = Predictor(engine, path)
+    predictor.threads = threads
+    return predictor
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (affinity and cpusets count; os.cpu_count does not see them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def capped_threads(threads: int, backend: str) -> int:
+    """`threads`, or the usable CPU count for onnxruntime above it (oversubscribed, its spinning intra-op
+    threads ran fasternet_t0 ~100x slower); warns (RuntimeWarning) whenever threads exceed the CPUs."""
+    cpus = usable_cpus()
+    if threads <= cpus:
+        return threads
+    if backend == "onnxruntime":
+        warnings.warn(f"threads={threads} is above the {cpus} usable CPUs; onnxruntime capped to {cpus} "
+                      "(oversubscribed it runs up to 100x slower)", RuntimeWarning, stacklevel=3)
+        return cpus
+    warnings.warn(f"threads={threads} is above the {cpus} usable CPUs; expect MNN to run slower than with "
+                  f"{cpus}", RuntimeWarning, stacklevel=3)
+    return threads
 
 
 def _format_shape(shape) -> str:
@@ -84,11 +112,18 @@ class Predictor:
         self.path = path
         self.backend = engine.backend
         self.meta = parse_metadata(engine.metadata_text)
+        check_metadata(self.meta, path)
         self.input_names = engine.input_names
         self.input_name = self.input_names[0]
         self.output_names = engine.output_names
-        shape = self.meta.get("input_shape") or engine.input_shapes[self.input_name]
+        graph_shape = engine.input_shapes[self.input_name]
+        shape = self.meta.get("input_shape") or graph_shape
+        if graph_shape and shape and (len(shape) != len(graph_shape) or any(
+                0 <= g != d for g, d in zip(graph_shape, shape))):
+            raise EdgeRuntimeError(f"{path}: metadata input_shape {list(shape)} disagrees with the model's input "
+                                   f"{_format_shape(graph_shape)}; re-export the model rather than editing it")
         self.input_shape = [int(d) for d in shape] if shape else None
+        self.threads = None  # set by load()
 
     def __repr__(self) -> str:
         shape = _format_shape(self.input_shape) if self.input_shape else ""
@@ -142,9 +177,6 @@ class Predictor:
             raise EdgeRuntimeError(
                 f"{self.path}: no edgeport preprocessing metadata (missing {', '.join(missing)}); re-export "
                 "with edgeport, or preprocess yourself and call run()")
-        if self.meta["interpolation"] not in INTERPOLATIONS:
-            raise EdgeRuntimeError(f"{self.path}: unsupported interpolation {self.meta['interpolation']!r} "
-                                   f"in metadata; expected one of {sorted(INTERPOLATIONS)}")
 
     def preprocess(self, image: ImageLike) -> np.ndarray:
         """A path or PIL image → (1, 3, H, W) float32 exactly as the artifact's metadata prescribes."""

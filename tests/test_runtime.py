@@ -232,6 +232,9 @@ def test_image_modes_to_rgb(tmp_path):
         "CMYK": (base.convert("CMYK"), np.asarray(base.convert("CMYK").convert("RGB"))),
         "I;16 file": (tmp_path / "gray16.png", gray_rgb),  # 16-bit rescaled, not clipped to 255
         "I": (Image.fromarray(gray16.astype(np.int32)), gray_rgb),
+        # float samples scaled by their full scale (1, 255 or 65535), not clipped at 255 (black for [0, 1])
+        "F in [0, 1]": (Image.fromarray(np.asarray(gray, np.float32) / 255, "F"), gray_rgb),
+        "F in [0, 255]": (Image.fromarray(np.asarray(gray, np.float32), "F"), gray_rgb),
     }
     assert Image.open(tmp_path / "gray16.png").mode.startswith("I")
     for name, (source, expected) in cases.items():

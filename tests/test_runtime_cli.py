@@ -51,7 +51,10 @@ def photos(tmp_path_factory):
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's refusals
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
