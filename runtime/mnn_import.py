@@ -192,7 +192,7 @@ def import_mnn(root: str | None = None):
         return MNN
     except ModuleNotFoundError as e:
         if e.name in ("MNN", "_mnncengine"):
-            raise EdgeRuntimeError("MNN is not installed; pip install edgeport-runtime (or pip install MNN)") from None
+            raise EdgeRuntimeError("MNN is not installed; pip install MNN") from None
         raise EdgeRuntimeError(f"MNN is installed but cannot load ({e}); pip install {e.name}") from None
     except ImportError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,9 +44,36 @@ def guest_env(cache: str, arch: str, **extra: str) -> dict[str, str]:
             "PYTHONPATH": f"{REPO}:{os.path.join(cache, arch, 'site')}", **extra}
 
 
-def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
+def board_wheel(cache: str) -> str:
+    """runtime/ built as the board's distribution (runtime/pyproject.toml: edgeport-runtime → edgeport_runtime)."""
+    out = os.path.join(cache, "board-wheel")
+    shutil.rmtree(out, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:  # build from a copy: setuptools leaves build/ and egg-info behind
+        src = os.path.join(tmp, "runtime")
+        shutil.copytree(os.path.join(REPO, "runtime"), src, ignore=shutil.ignore_patterns("__pycache__", "build",
+                                                                                            "*.egg-info"))
+        r = run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
+                 "--no-build-isolation", src, "-w", out])
+    if r["rc"]:
+        raise SystemExit(f"building the edgeport-runtime wheel failed: {last_line(r['stderr'])}")
+    (wheel,) = glob.glob(os.path.join(out, "edgeport_runtime-*.whl"))
+    return wheel
+
+
+def install_board(cache: str, arch: str, wheel: str) -> str:
+    """The wheel installed alone (its dependencies are the userland's site/): what `pip install` gives a board."""
+    target = os.path.join(cache, arch, "board")
+    shutil.rmtree(target, ignore_errors=True)
+    r = run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+             "--no-compile", "--target", target, wheel])
+    if r["rc"]:
+        raise SystemExit(f"installing {wheel} failed: {last_line(r['stderr'])}")
+    return target
+
+
+def run(argv: list[str], env: dict[str, str] | None = None, timeout: float = 1800, cwd: str = REPO) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     return {"rc": p.returncode, "seconds": round(time.perf_counter() - t0, 2), "stdout": p.stdout,
             "stderr": p.stderr}
 
@@ -78,7 +106,7 @@ def top1(infer_json: str) -> dict:
     return {"top1": top[0]["index"], "p1": round(top[0]["prob"], 5), "p2": round(top[1]["prob"], 5)}
 
 
-def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n: int) -> dict:
+def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n: int, wheel: str) -> dict:
     site = os.path.join(cache, arch, "site")
     shutil.rmtree(os.path.join(cache, arch, "home"), ignore_errors=True)  # a board that never ran us
     before = mnn_files(site)
@@ -106,6 +134,13 @@ def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n:
         out["infer"][name] = {**got, "rc": r["rc"], "seconds": r["seconds"], "host": host[name],
                               "same_top1": got.get("top1") == host[name]["top1"]}
         say(f"runtime.infer {name}: {got} host {host[name]} ({r['seconds']} s)")
+    board = install_board(cache, arch, wheel)
+    r = run(g + ["-m", "edgeport_runtime.infer", os.path.join(model_dir, "model.mnn"), image, "--topk", "2", "--json"],
+            {**env, "PYTHONPATH": f"{board}:{site}"}, cwd=board)  # no repository on the path: the board install alone
+    got = top1(r["stdout"]) if r["rc"] == 0 else {"error": last_line(r["stderr"])}
+    out["board_install"] = {**got, "rc": r["rc"], "seconds": r["seconds"], "modules": sorted(os.listdir(board)),
+                            "same_top1": got.get("top1") == host["model.mnn"]["top1"]}
+    say(f"board install: python -m edgeport_runtime.infer model.mnn: {got} ({r['seconds']} s)")
     r = run(g + ["-m", "benchmarks.runtime_bench", os.path.join(model_dir, "model.mnn"), "--n", str(n),
                  "--overhead-runs", str(n), "--json"], env)
     out["runtime_bench"] = json.loads(r["stdout"]) if r["rc"] == 0 else {"error": r["stderr"][-2000:]}
@@ -146,15 +181,17 @@ def main(argv=None) -> int:
         host[name] = top1(r["stdout"])
     report = {"host": {"python": sys.version.split()[0], "glibc": os.confstr("CS_GNU_LIBC_VERSION"),
                        "infer": host}, "model_dir": model_dir, "image": image}
-    failed = []
+    failed, wheel = [], board_wheel(cache)
     for arch in args.arch:
         t0 = time.perf_counter()
-        r = report[arch] = check_arch(cache, arch, model_dir, image, host, args.n)
+        r = report[arch] = check_arch(cache, arch, model_dir, image, host, args.n, wheel)
         r["seconds"] = round(time.perf_counter() - t0, 1)
         if r["guest_check"]["failures"]:
             failed.append(f"{arch}: checks {r['guest_check']['failures']}")
         failed += [f"{arch}: {k} top-1 {v.get('top1')} != host {v['host']['top1']}"
                    for k, v in r["infer"].items() if not v["same_top1"]]
+        if not r["board_install"]["same_top1"]:
+            failed.append(f"{arch}: board install top-1 {r['board_install'].get('top1')}")
         if not r["mnn_files"]["byte_identical"]:
             failed.append(f"{arch}: installed MNN files changed")
         if r["runtime_bench"]["rc"]:
