@@ -1,0 +1,307 @@
+"""Full int8 (calibrated activations): ONNX Runtime QDQ and MNN's offline quantiser, their gates against the
+float model on held-out images, and the accuracy-guided fallback that keeps the most harmful layers in float.
+
+MNN runs through the quantiser linked into the MNN wheel (`_tools.mnnquant`), never the Python tool wrappers
+shipped in the MNN package (they pip-install a telemetry SDK and phone home at import).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import EdgeportError
+from models.metrics import check_gates, compare
+from runtime.atomic import write_atomic
+
+from . import mnn_convert
+
+GATES = {"top1": 0.95, "cosine": 0.99}  # against the float model, on images not used for calibration
+FALLBACK_LIMIT = 0.10  # at most this fraction of the quantisable layers is kept in float
+QUANTISED_OPS = ("Conv", "MatMul", "Gemm")  # the layers the fallback ranks and may keep in float
+# MNN: KL (histogram, scales per tensor) held the gates where EMA did not; see README "int8".
+MNN_CONFIG = {"feature_quantize_method": "KL", "weight_quantize_method": "MAX_ABS"}
+ORT_METHOD = "MinMax"
+
+
+# ---- ONNX Runtime ----------------------------------------------------------------------------------------
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a (N, 3, H, W) array, one sample per call (fixed-batch graphs)."""
+
+    def __init__(self, input_name: str, calib: np.ndarray):
+        self.input_name, self.calib, self.i = input_name, calib, 0
+
+    def get_next(self):
+        if self.i >= len(self.calib):
+            return None
+        self.i += 1
+        return {self.input_name: self.calib[self.i - 1:self.i]}
+
+    def rewind(self):
+        self.i = 0
+
+    def __len__(self):
+        return len(self.calib)
+
+
+def ort_int8(onnx_model, calib: np.ndarray, method: str = ORT_METHOD, exclude: Sequence[str] = (),
+             cache: str | os.PathLike | None = None, op_types: Sequence[str] | None = None):
+    """The float ONNX model → a QDQ int8 ModelProto: per-channel symmetric int8 weights, asymmetric uint8
+    activations (what ONNX Runtime's x86 kernels fuse into QLinearConv / QLinearMatMul), activation ranges from
+    `calib` by `method` ("MinMax", "Entropy", "Percentile"). `exclude`: node names kept in float. `cache`: a file
+    holding the calibration ranges, reused when it exists (the fallback re-quantises many times). The
+    metadata_props of the input are kept."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in CalibrationMethod.__members__:
+        raise EdgeportError(f"unknown ONNX Runtime calibration method {method!r}; use MinMax, Entropy or Percentile")
+    input_name = onnx_model.graph.input[0].name
+    with tempfile.TemporaryDirectory(prefix="edgeport-ort-int8-") as tmp:
+        out, src = Path(tmp) / "model.int8.onnx", Path(tmp) / "model.onnx"
+        onnx.save_model(onnx_model, str(src))  # quantize_static rewrites a ModelProto it is given in place
+        reader = None if cache and Path(cache).is_file() else _Reader(input_name, calib)
+        quantize_static(src, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod[method], nodes_to_exclude=list(exclude),
+                        op_types_to_quantize=list(op_types) if op_types else None,
+                        calibration_cache_path=cache)
+        model = onnx.load_model(str(out))
+    del model.metadata_props[:]
+    model.metadata_props.extend(onnx_model.metadata_props)
+    return model
+
+
+def quantisable_nodes(onnx_model) -> list[str]:
+    """Names of the nodes the fallback may keep in float, in graph order."""
+    return [n.name for n in onnx_model.graph.node if n.op_type in QUANTISED_OPS]
+
+
+# ---- MNN -------------------------------------------------------------------------------------------------
+
+def _write_sequence(calib: np.ndarray, input_name: str, directory: Path) -> None:
+    """MNN's "sequence" calibration input: one folder per sample with <input>.txt (whitespace-separated
+    values) and input.json (its shape), so MNN applies none of its own image preprocessing."""
+    shape = {"inputs": [{"name": input_name, "shape": [1, *calib.shape[1:]]}]}
+    for i, sample in enumerate(calib):
+        d = directory / f"{i:06d}"
+        d.mkdir(parents=True)
+        sample.tofile(d / f"{input_name}.txt", sep=" ", format="%.6g")
+        (d / "input.json").write_text(json.dumps(shape))
+
+
+# The quantiser crashes the process on some graphs (e.g. a segfault on exact-erf GELU), and reports success
+# whatever happened: it runs in a child interpreter, through the same _tools entry point.
+_QUANT_CHILD = "import sys, _tools; _tools.mnnquant(sys.argv[1:])"
+
+
+def mnn_int8(onnx_path, out, calib: np.ndarray, biz_code: str, config: dict | None = None,
+             skip: Sequence[str] = (), input_name: str = "input", log_path=None) -> Path:
+    """The float ONNX → `out` (.mnn) with int8 convolutions and calibrated activation scales.
+
+    The float .mnn it quantises is converted here with GELU as MNN's tanh approximation: the quantiser has no
+    int8 table for exact-erf GELU (it crashes), and int8's own error is far above the approximation's ~1e-3.
+    `config`: MNN quantiser keys laid over MNN_CONFIG ("feature_quantize_method" KL / ADMM / EMA,
+    "weight_quantize_method" MAX_ABS / ADMM, ...). `skip`: MNN op names kept in float (KL and ADMM only:
+    MNN's EMA path ignores skip_quant_op_names). Written atomically: a failure leaves `out` untouched."""
+    out = Path(out).resolve()
+    cfg = {**MNN_CONFIG, **(config or {})}
+    if skip:
+        cfg["skip_quant_op_names"] = list(skip)
+    log_path = Path(log_path or out.with_suffix(".log")).resolve()
+    with tempfile.TemporaryDirectory(prefix="edgeport-mnn-int8-") as tmp:
+        tmp = Path(tmp)
+        float_mnn = mnn_convert.convert(onnx_path, tmp / "float.mnn", biz_code, "fp32", log_path=log_path,
+                                        gelu_approximation=True)
+        _write_sequence(calib, input_name, tmp / "calib")
+        cfg.update(path=str(tmp / "calib"), input_type="sequence", used_sample_num=len(calib), batch_size=1)
+        (tmp / "quant.json").write_text(json.dumps(cfg))
+        quantised = tmp / "model.int8.mnn"
+        with open(log_path, "ab") as log:
+            done = subprocess.run([sys.executable, "-c", _QUANT_CHILD, "quantized.out", str(float_mnn),
+                                   str(quantised), str(tmp / "quant.json")], stdout=log, stderr=log, cwd=tmp)
+        if done.returncode or not quantised.is_file() or not quantised.stat().st_size:
+            why = f"exit {done.returncode}" if done.returncode else "no output"
+            raise EdgeportError(f"MNN int8 quantiser failed ({why}; log: {log_path}); retry with another "
+                                f"--int8-mnn method or without the mnn_int8 target")
+        mnn_convert.make_uuid_deterministic(quantised)
+        write_atomic(out, quantised.read_bytes())
+    return out
+
+
+# ---- gates and the fallback ------------------------------------------------------------------------------
+
+def gate(reference: dict, candidate: dict, label: str, classifier: bool, gates: dict | None = None
+         ) -> tuple[dict, list[str]]:
+    """({output: metrics}, breaches) of `candidate` against `reference` (the float model) per output."""
+    metrics, breaches = {}, []
+    for name, ref in reference.items():
+        metrics[name] = compare(ref, candidate[name], classifier=classifier and ref.ndim == 2)
+        breaches += check_gates(metrics[name], gates or GATES, f"{label}[{name}]" if len(reference) > 1 else label)
+    return metrics, breaches
+
+
+def score(metrics: dict) -> float:
+    """One number to rank candidates by (higher is better): the worst cosine and top-1 agreement."""
+    return min(min(m.get("top1", 1.0), m["cosine"]) for m in metrics.values())
+
+
+def rank_sensitivity(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict],
+                     baseline: dict | None = None) -> list[tuple[str, float]]:
+    """Layers ordered most harmful first: `evaluate_without([layer])` is the metrics ({output: metrics}) with
+    only that layer kept in float; harm is how much that improves the score over `baseline`."""
+    base = score(baseline) if baseline else 0.0
+    ranked = [(layer, score(evaluate_without([layer])) - base) for layer in layers]
+    return sorted(ranked, key=lambda r: -r[1])
+
+
+def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict], breaches_of: Callable,
+             limit: float = FALLBACK_LIMIT, ranked: list[tuple[str, float]] | None = None
+             ) -> tuple[list[str], dict, list[str]]:
+    """Keep layers in float, most harmful first, until the gates pass or `limit` of `layers` are kept.
+
+    Returns (layers kept in float, metrics of the last candidate, its breaches); an empty list and the
+    all-int8 metrics when no fallback was needed."""
+    metrics = evaluate_without([])
+    breaches = breaches_of(metrics)
+    if not breaches:
+        return [], metrics, breaches
+    ranked = ranked or rank_sensitivity(layers, evaluate_without, metrics)
+    most = max(1, int(limit * len(layers)))
+    kept: list[str] = []
+    for layer, _ in ranked[:most]:
+        kept.append(layer)
+        metrics = evaluate_without(kept)
+        breaches = breaches_of(metrics)
+        if not breaches:
+            break
+    return kept, metrics, breaches
+
+
+# ---- evidence that the compute is integer ----------------------------------------------------------------
+
+_MNN_CONV_TYPES = {12: "Convolution", 13: "ConvolutionDepthwise", 17: "Deconvolution"}
+_MNN_CONV2D_PARAM = 9  # OpParameter_Convolution2D in MNN's schema
+
+
+def _fb_field(buf: bytes, table: int, slot: int) -> int | None:
+    """Absolute position of field `slot` of the flatbuffer table at `table`, or None when absent."""
+    import struct
+
+    vtable = table - struct.unpack_from("<i", buf, table)[0]
+    offset = 4 + 2 * slot
+    if offset >= struct.unpack_from("<H", buf, vtable)[0]:
+        return None
+    field = struct.unpack_from("<H", buf, vtable + offset)[0]
+    return table + field if field else None
+
+
+def _fb_deref(buf: bytes, pos: int) -> int:
+    import struct
+
+    return pos + struct.unpack_from("<I", buf, pos)[0]
+
+
+def mnn_int8_layers(mnn_path) -> dict:
+    """Convolutions of a .mnn file by storage: {"int8": [names], "float": [names]}. An int8 convolution
+    carries symmetric quantisation parameters and calibrated input/output scales (IDSTQuan scaleIn/scaleOut),
+    which make MNN's CPU backend run it as an int8 kernel; "int8w" files have int8 weights but no scales."""
+    import struct
+
+    buf = Path(mnn_path).read_bytes()
+    root = struct.unpack_from("<I", buf, 0)[0]
+    ops = _fb_field(buf, root, 3)  # Net.oplists
+    found = {"int8": [], "float": []}
+    if ops is None:
+        return found
+    vec = _fb_deref(buf, ops)
+    for i in range(struct.unpack_from("<I", buf, vec)[0]):
+        op = _fb_deref(buf, vec + 4 + 4 * i)
+        type_pos, main_type_pos = _fb_field(buf, op, 5), _fb_field(buf, op, 1)
+        op_type = struct.unpack_from("<i", buf, type_pos)[0] if type_pos else 0
+        if op_type not in _MNN_CONV_TYPES or not main_type_pos or buf[main_type_pos] != _MNN_CONV2D_PARAM:
+            continue
+        name_pos = _fb_field(buf, op, 3)
+        name = ""
+        if name_pos:
+            s = _fb_deref(buf, name_pos)
+            name = buf[s + 4:s + 4 + struct.unpack_from("<I", buf, s)[0]].decode()
+        conv = _fb_deref(buf, _fb_field(buf, op, 2))
+        quan, symmetric = _fb_field(buf, conv, 3), _fb_field(buf, conv, 4)
+        scale_in = 0.0
+        if quan:
+            pos = _fb_field(buf, _fb_deref(buf, quan), 5)  # IDSTQuan.scaleIn
+            scale_in = struct.unpack_from("<f", buf, pos)[0] if pos else 0.0
+        found["int8" if symmetric and scale_in else "float"].append(name)
+    return found
+
+
+def onnx_qdq_layers(onnx_model) -> dict:
+    """Conv / MatMul / Gemm nodes by form: {"qdq": [names], "float": [names]}; "qdq" when both the activation
+    and the weight arrive through DequantizeLinear (a QDQ pair ONNX Runtime can fuse into an integer op)."""
+    producer = {out: node.op_type for node in onnx_model.graph.node for out in node.output}
+    found = {"qdq": [], "float": []}
+    for node in onnx_model.graph.node:
+        if node.op_type in QUANTISED_OPS:
+            dq = all(producer.get(name) == "DequantizeLinear" for name in node.input[:2])
+            found["qdq" if dq else "float"].append(node.name)
+    return found
+
+
+def ort_fused_ops(onnx_path) -> dict[str, int]:
+    """Op histogram of the graph ONNX Runtime actually runs (CPU, extended optimisations): QDQ pairs it fused
+    show up as QLinearConv / QLinearMatMul / QLinearAdd ...; none of those appear for a float model."""
+    from collections import Counter
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgeport-ort-opt-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load_model(options.optimized_model_filepath).graph
+    return dict(Counter(node.op_type for node in graph.node))
+
+
+def ort_layer_errors(float_model, int8_model, x: np.ndarray, layers: Sequence[str]) -> list[tuple[str, float]]:
+    """One-pass sensitivity for ONNX Runtime: for each layer, the cosine its output loses in the int8 model
+    beyond what its input already lost (error this layer adds), most harmful first. Cheap (two runs over `x`),
+    so the fallback can rank every layer of a large network; `rank_sensitivity` is the exact, slow ranking."""
+    import onnx
+    import onnxruntime as ort
+
+    def probes(model):  # node names survive quantisation; tensor names around a quantised node do not
+        nodes = {n.name: n for n in model.graph.node}
+        return {layer: (nodes[layer].input[0], nodes[layer].output[0]) for layer in layers if layer in nodes}
+
+    def run(model, probe):
+        tensors = sorted({t for pair in probe.values() for t in pair})
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        known = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in known)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        outs = [dict(zip(names, session.run(None, {model.graph.input[0].name: x[i:i + 1]})))
+                for i in range(len(x))]
+        return {t: np.concatenate([o[t] for o in outs]) for t in tensors}
+
+    fp, qp = probes(float_model), probes(int8_model)
+    ref, q = run(float_model, fp), run(int8_model, qp)
+    ranked = []
+    for layer in fp.keys() & qp.keys():
+        cos_in = compare(ref[fp[layer][0]], q[qp[layer][0]])["cosine"]
+        cos_out = compare(ref[fp[layer][1]], q[qp[layer][1]])["cosine"]
+        ranked.append((layer, cos_in - cos_out))
+    return sorted(ranked, key=lambda r: -r[1])
