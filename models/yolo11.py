@@ -1,0 +1,566 @@
+"""YOLO11 detectors: Ultralytics' architecture written for edgeport, built from an Ultralytics model YAML dict.
+
+    YOLO11(cfg, scale="n", nc=80)    the `backbone` + `head` lists of a yolo11*.yaml, scaled by depth/width
+    forward(images) -> (boxes, scores)   boxes [N, A, 4] x1, y1, x2, y2 in input pixels, scores [N, A, nc] after
+                                     sigmoid; anchors in Ultralytics' order (P3, P4, P5, each row-major).
+                                     DFL and box decoding are in the graph, NMS is not (runtime/detect.py).
+
+Module and parameter names follow Ultralytics' (`model.0.conv.weight`, `model.23.cv2.0.0.conv.weight`,
+`model.23.dfl.conv.weight`), so the state dict of an Ultralytics checkpoint loads strictly
+(models/ultralytics_ckpt.py). Every Conv+BN+SiLU is a `ConvNormAct`, so `to_inference` folds the neck's and
+head's BatchNorms like any backbone's.
+
+The seeds' variant (seeds 001, 004): a zoo backbone in features-only form as layer 0, its four outputs (strides
+4/8/16/32) taking layer indices 1–4 as in the seeds' parse_model, so P3/P4/P5 are indices 2/3/4.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import math
+import os
+
+import torch
+from torch import nn
+
+from ._registry import ModelCfg, register_model
+from .errors import EdgeportError
+from .layers import ConvNormAct
+
+# Ultralytics' initialize_weights sets every BatchNorm2d to eps=1e-3, momentum=0.03; checkpoints do not store eps,
+# so a model built with PyTorch's 1e-5 would load strictly and still compute something else.
+BN_EPS, BN_MOMENTUM = 1e-3, 0.03
+REG_MAX = 16
+
+# Ultralytics' cfg/models/11/yolo11.yaml as data (pyyaml is not a dependency of edgeport).
+YOLO11_YAML = {
+    "nc": 80,
+    "scales": {  # [depth, width, max_channels]
+        "n": [0.50, 0.25, 1024], "s": [0.50, 0.50, 1024], "m": [0.50, 1.00, 512],
+        "l": [1.00, 1.00, 512], "x": [1.00, 1.50, 512],
+    },
+    "backbone": [
+        [-1, 1, "Conv", [64, 3, 2]],  # 0-P1/2
+        [-1, 1, "Conv", [128, 3, 2]],  # 1-P2/4
+        [-1, 2, "C3k2", [256, False, 0.25]],
+        [-1, 1, "Conv", [256, 3, 2]],  # 3-P3/8
+        [-1, 2, "C3k2", [512, False, 0.25]],
+        [-1, 1, "Conv", [512, 3, 2]],  # 5-P4/16
+        [-1, 2, "C3k2", [512, True]],
+        [-1, 1, "Conv", [1024, 3, 2]],  # 7-P5/32
+        [-1, 2, "C3k2", [1024, True]],
+        [-1, 1, "SPPF", [1024, 5]],  # 9
+        [-1, 2, "C2PSA", [1024]],  # 10
+    ],
+    "head": [
+        [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+        [[-1, 6], 1, "Concat", [1]],  # cat backbone P4
+        [-1, 2, "C3k2", [512, False]],  # 13
+        [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+        [[-1, 4], 1, "Concat", [1]],  # cat backbone P3
+        [-1, 2, "C3k2", [256, False]],  # 16 (P3/8-small)
+        [-1, 1, "Conv", [256, 3, 2]],
+        [[-1, 13], 1, "Concat", [1]],  # cat head P4
+        [-1, 2, "C3k2", [512, False]],  # 19 (P4/16-medium)
+        [-1, 1, "Conv", [512, 3, 2]],
+        [[-1, 10], 1, "Concat", [1]],  # cat head P5
+        [-1, 2, "C3k2", [1024, True]],  # 22 (P5/32-large)
+        [[16, 19, 22], 1, "Detect", ["nc"]],  # Detect(P3, P4, P5)
+    ],
+}
+
+
+def zoo_backbone_yaml(backbone: str) -> dict:
+    """The seeds' yolo11-<backbone>.yaml: the zoo model replaces layers 0–8 (it fills indices 0–4), SPPF and
+    C2PSA follow, and the YOLO11 neck takes P3/P4/P5 from indices 2/3/4."""
+    cfg = copy.deepcopy(YOLO11_YAML)
+    cfg["backbone"] = [[-1, 1, backbone, []], [-1, 1, "SPPF", [1024, 5]], [-1, 2, "C2PSA", [1024]]]
+    cfg["head"] = [
+        [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+        [[-1, 3], 1, "Concat", [1]],  # cat backbone P4
+        [-1, 2, "C3k2", [512, False]],  # 9
+        [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+        [[-1, 2], 1, "Concat", [1]],  # cat backbone P3
+        [-1, 2, "C3k2", [256, False]],  # 12 (P3/8-small)
+        [-1, 1, "Conv", [256, 3, 2]],
+        [[-1, 9], 1, "Concat", [1]],  # cat head P4
+        [-1, 2, "C3k2", [512, False]],  # 15 (P4/16-medium)
+        [-1, 1, "Conv", [512, 3, 2]],
+        [[-1, 6], 1, "Concat", [1]],  # cat head P5
+        [-1, 2, "C3k2", [1024, True]],  # 18 (P5/32-large)
+        [[12, 15, 18], 1, "Detect", ["nc"]],
+    ]
+    return cfg
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """A model YAML file → dict. Needs pyyaml, which edgeport does not install: the built-in configs are dicts
+    and a checkpoint carries its own."""
+    try:
+        import yaml
+    except ImportError:
+        raise EdgeportError(f"{os.fspath(path)}: reading a model YAML needs pyyaml (pip install pyyaml); "
+                            "or pass the config as a dict") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise EdgeportError(f"{os.fspath(path)}: cannot read model YAML ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise EdgeportError(f"{os.fspath(path)}: not a model YAML (no mapping at top level)")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocks (constructor signatures are Ultralytics', so YAML args map one to one).
+
+def conv_bn_silu(c1, c2, k=1, s=1, g=1, act=True) -> ConvNormAct:
+    """Ultralytics' Conv: Conv2d (no bias, 'same' padding) → BatchNorm2d(eps 1e-3) → SiLU (or identity)."""
+    m = ConvNormAct(c1, c2, k, s, groups=g, act=nn.SiLU if act else None)
+    m.bn.eps, m.bn.momentum = BN_EPS, BN_MOMENTUM
+    return m
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c1, c2, shortcut=True, g=1, k=(3, 3), e=0.5):
+        super().__init__()
+        c_ = int(c2 * e)
+        self.cv1 = conv_bn_silu(c1, c_, k[0])
+        self.cv2 = conv_bn_silu(c_, c2, k[1], g=g)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x):
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C3k(nn.Module):
+    """CSP block with two 1x1 branches; `n` bottlenecks with k×k convs on one of them."""
+
+    def __init__(self, c1, c2, n=1, shortcut=True, g=1, e=0.5, k=3):
+        super().__init__()
+        c_ = int(c2 * e)
+        self.cv1 = conv_bn_silu(c1, c_)
+        self.cv2 = conv_bn_silu(c1, c_)
+        self.cv3 = conv_bn_silu(2 * c_, c2)
+        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, k=(k, k), e=1.0) for _ in range(n)))
+
+    def forward(self, x):
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+class C2f(nn.Module):
+    """Split cv1's output in two halves, chain `n` blocks on the second, concatenate every intermediate."""
+
+    def __init__(self, c1, c2, n=1, shortcut=False, g=1, e=0.5):
+        super().__init__()
+        self.c = int(c2 * e)
+        self.cv1 = conv_bn_silu(c1, 2 * self.c)
+        self.cv2 = conv_bn_silu((2 + n) * self.c, c2)
+        self.m = nn.ModuleList(Bottleneck(self.c, self.c, shortcut, g, k=(3, 3), e=1.0) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        for m in self.m:
+            y.append(m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class C3k2(C2f):
+    """C2f whose blocks are C3k (c3k=True) or plain bottlenecks (hidden width c/2)."""
+
+    def __init__(self, c1, c2, n=1, c3k=False, e=0.5, g=1, shortcut=True):
+        super().__init__(c1, c2, n, shortcut, g, e)
+        self.m = nn.ModuleList(C3k(self.c, self.c, 2, shortcut, g) if c3k else Bottleneck(self.c, self.c, shortcut, g)
+                               for _ in range(n))
+
+
+class SPPF(nn.Module):
+    """Three chained k×k max-pools (= SPP with 5/9/13 windows), concatenated with their input."""
+
+    def __init__(self, c1, c2, k=5):
+        super().__init__()
+        c_ = c1 // 2
+        self.cv1 = conv_bn_silu(c1, c_)
+        self.cv2 = conv_bn_silu(c_ * 4, c2)
+        self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
+
+    def forward(self, x):
+        y = [self.cv1(x)]
+        for _ in range(3):
+            y.append(self.m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H·W positions, queries/keys of half the head width, plus a depthwise
+    3x3 positional term on the values."""
+
+    def __init__(self, dim, num_heads=8, attn_ratio=0.5):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.key_dim = int(self.head_dim * attn_ratio)
+        self.scale = self.key_dim ** -0.5
+        self.qkv = conv_bn_silu(dim, dim + 2 * self.key_dim * num_heads, act=False)
+        self.proj = conv_bn_silu(dim, dim, act=False)
+        self.pe = conv_bn_silu(dim, dim, 3, 1, g=dim, act=False)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(x).view(b, self.num_heads, 2 * self.key_dim + self.head_dim, h * w)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.head_dim], dim=2)
+        attn = ((q.transpose(-2, -1) @ k) * self.scale).softmax(dim=-1)
+        x = (v @ attn.transpose(-2, -1)).view(b, c, h, w) + self.pe(v.reshape(b, c, h, w))
+        return self.proj(x)
+
+
+class PSABlock(nn.Module):
+    def __init__(self, c, attn_ratio=0.5, num_heads=4, shortcut=True):
+        super().__init__()
+        self.attn = Attention(c, num_heads=num_heads, attn_ratio=attn_ratio)
+        self.ffn = nn.Sequential(conv_bn_silu(c, c * 2), conv_bn_silu(c * 2, c, act=False))
+        self.add = shortcut
+
+    def forward(self, x):
+        x = x + self.attn(x) if self.add else self.attn(x)
+        return x + self.ffn(x) if self.add else self.ffn(x)
+
+
+class C2PSA(nn.Module):
+    """Half the channels through `n` attention blocks, the other half passed by, then a 1x1 merge."""
+
+    def __init__(self, c1, c2, n=1, e=0.5):
+        super().__init__()
+        if c1 != c2:
+            raise EdgeportError(f"C2PSA needs equal input and output channels (got {c1} → {c2})")
+        self.c = int(c1 * e)
+        self.cv1 = conv_bn_silu(c1, 2 * self.c)
+        self.cv2 = conv_bn_silu(2 * self.c, c1)
+        self.m = nn.Sequential(*(PSABlock(self.c, attn_ratio=0.5, num_heads=self.c // 64) for _ in range(n)))
+
+    def forward(self, x):
+        a, b = self.cv1(x).split((self.c, self.c), dim=1)
+        return self.cv2(torch.cat((a, self.m(b)), 1))
+
+
+class Concat(nn.Module):
+    def __init__(self, dimension=1):
+        super().__init__()
+        self.d = dimension
+
+    def forward(self, x):
+        return torch.cat(x, self.d)
+
+
+class DFL(nn.Module):
+    """Distribution focal loss integral: softmax over REG_MAX bins, expectation by a fixed 1x1 conv (weights
+    0..REG_MAX-1, stored in checkpoints as `dfl.conv.weight`)."""
+
+    def __init__(self, c1=REG_MAX):
+        super().__init__()
+        self.c1 = c1
+        self.conv = nn.Conv2d(c1, 1, 1, bias=False).requires_grad_(False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.arange(c1, dtype=torch.float32).view(1, c1, 1, 1))
+
+    def forward(self, x):  # [N, 4·c1, A] → [N, 4, A]
+        n = x.shape[0]
+        x = x.reshape(n, 4, self.c1, -1).transpose(2, 1).softmax(1)
+        return self.conv(x).reshape(n, 4, -1)
+
+
+class Detect(nn.Module):
+    """Anchor-free head: per level a box branch (4·REG_MAX DFL logits) and a class branch (nc logits, depthwise
+    separable in YOLO11), decoded in the graph to pixel boxes and sigmoid scores."""
+
+    def __init__(self, nc=80, ch=()):
+        super().__init__()
+        self.nc, self.nl, self.reg_max = nc, len(ch), REG_MAX
+        c2 = max(16, ch[0] // 4, self.reg_max * 4)
+        c3 = max(ch[0], min(nc, 100))
+        self.cv2 = nn.ModuleList(
+            nn.Sequential(conv_bn_silu(x, c2, 3), conv_bn_silu(c2, c2, 3), nn.Conv2d(c2, 4 * self.reg_max, 1))
+            for x in ch)
+        self.cv3 = nn.ModuleList(
+            nn.Sequential(nn.Sequential(_dwconv(x, x, 3), conv_bn_silu(x, c3, 1)),
+                          nn.Sequential(_dwconv(c3, c3, 3), conv_bn_silu(c3, c3, 1)),
+                          nn.Conv2d(c3, nc, 1))
+            for x in ch)
+        self.dfl = DFL(self.reg_max)
+        self.stride = tuple(float(s) for s in (8, 16, 32)[: self.nl])  # set from the network by YOLO11
+
+    def forward(self, feats):
+        n = feats[0].shape[0]
+        box = torch.cat([self.cv2[i](f).reshape(n, 4 * self.reg_max, -1) for i, f in enumerate(feats)], 2)
+        cls = torch.cat([self.cv3[i](f).reshape(n, self.nc, -1) for i, f in enumerate(feats)], 2)
+        points, strides = make_anchors(feats, self.stride)
+        lt, rb = self.dfl(box).chunk(2, 1)
+        boxes = torch.cat((points - lt, points + rb), 1) * strides
+        return boxes.transpose(1, 2), cls.sigmoid().transpose(1, 2)
+
+
+def _dwconv(c1, c2, k):
+    return conv_bn_silu(c1, c2, k, g=math.gcd(c1, c2))
+
+
+def make_anchors(feats, strides, offset: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Anchor centres in grid units [2, A] (x, y) and their strides [1, A], levels in order, each row-major.
+    Sizes are read as Python ints, so an export at a fixed input size gets them as constants."""
+    points, stride_rows = [], []
+    for f, s in zip(feats, strides):
+        h, w = int(f.shape[2]), int(f.shape[3])
+        sx = torch.arange(w, dtype=f.dtype, device=f.device) + offset
+        sy = torch.arange(h, dtype=f.dtype, device=f.device) + offset
+        gy, gx = torch.meshgrid(sy, sx, indexing="ij")
+        points.append(torch.stack((gx, gy)).reshape(2, h * w))
+        stride_rows.append(torch.full((1, h * w), float(s), dtype=f.dtype, device=f.device))
+    return torch.cat(points, 1), torch.cat(stride_rows, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The YAML builder (Ultralytics' parse_model rules for the blocks above).
+
+BLOCKS = {"Conv": conv_bn_silu, "Bottleneck": Bottleneck, "C2f": C2f, "C3k": C3k, "C3k2": C3k2, "SPPF": SPPF,
+          "C2PSA": C2PSA, "Concat": Concat, "Detect": Detect, "nn.Upsample": nn.Upsample}
+_CHANNEL_BLOCKS = {"Conv", "Bottleneck", "C2f", "C3k", "C3k2", "SPPF", "C2PSA"}
+_REPEAT_BLOCKS = {"C2f", "C3k", "C3k2", "C2PSA"}  # take the repeat count as their third argument
+_ZOO_SLOTS = 5  # a zoo backbone fills indices 0..4: [unused, stride 4, 8, 16, 32]
+
+
+def make_divisible(x: float, divisor: int = 8) -> int:
+    return int(math.ceil(x / divisor) * divisor)
+
+
+def _resolve_arg(a, nc):
+    if not isinstance(a, str):
+        return a
+    if a == "nc":
+        return nc
+    try:
+        return ast.literal_eval(a)
+    except (ValueError, SyntaxError):
+        return a
+
+
+def _scale_of(cfg: dict, scale: str | None):
+    scales = cfg.get("scales")
+    if not scales:
+        return scale, cfg.get("depth_multiple", 1.0), cfg.get("width_multiple", 1.0), float("inf")
+    scale = scale or cfg.get("scale") or next(iter(scales))
+    if scale not in scales:
+        raise EdgeportError(f"model YAML has no scale '{scale}'; valid: {', '.join(scales)}")
+    depth, width, max_channels = scales[scale]
+    return scale, depth, width, max_channels
+
+
+def _check_layer(i, layer):
+    if not (isinstance(layer, (list, tuple)) and len(layer) == 4 and isinstance(layer[2], str)
+            and isinstance(layer[3], (list, tuple))
+            and (isinstance(layer[0], int) or (isinstance(layer[0], (list, tuple))
+                                                and all(isinstance(j, int) for j in layer[0])))):
+        raise EdgeportError(f"model YAML layer {i}: expected [from, repeats, module, args], got {layer!r}")
+
+
+def parse_model(cfg: dict, scale: str | None = None, ch: int = 3):
+    """(layers, froms, multi_out, scale): Ultralytics' parse_model for the YOLO11 blocks, plus a registered zoo
+    model name as a features-only backbone. Unknown blocks raise EdgeportError naming the layer."""
+    from ._registry import create_model, list_models
+
+    nc = cfg.get("nc", 80)
+    scale, depth, width, max_channels = _scale_of(cfg, scale)
+    layers, froms, multi = [], [], []
+    chs = [ch]
+    rows = list(cfg.get("backbone") or []) + list(cfg.get("head") or [])
+    if not rows:
+        raise EdgeportError("model YAML has no 'backbone'/'head' layers")
+    index = 0  # Ultralytics' layer index (a zoo backbone takes several)
+    for row_no, layer in enumerate(rows):
+        _check_layer(row_no, layer)
+        f, n, name, args = layer
+        args = [_resolve_arg(a, nc) for a in args]
+        n = max(round(n * depth), 1) if n > 1 else n
+        fi = f if isinstance(f, int) else list(f)
+        if name in _CHANNEL_BLOCKS:
+            c1, c2 = chs[f], args[0]
+            if c2 != nc:
+                c2 = make_divisible(min(c2, max_channels) * width, 8)
+            args = [c1, c2, *args[1:]]
+            if name in _REPEAT_BLOCKS:
+                args.insert(2, n)
+                n = 1
+            if name == "C3k2" and scale in ("m", "l", "x"):  # Ultralytics forces C3k blocks for M/L/X
+                args[3] = True
+        elif name == "Concat":
+            c2 = sum(chs[j] for j in fi)
+        elif name == "Detect":
+            args.append([chs[j] for j in fi])
+            c2 = None
+        elif name == "nn.Upsample":
+            c2 = chs[f]
+        elif name in list_models() and index == 0:
+            backbone = create_model(name, features_only=True, **(dict(args[0]) if args else {}))
+            c2 = list(_feature_channels(backbone, ch))
+            layers.append(backbone)
+            froms.append(fi)
+            multi.append(True)
+            chs = [0] * (_ZOO_SLOTS - len(c2)) + c2
+            index = _ZOO_SLOTS
+            continue
+        else:
+            known = ", ".join(sorted(BLOCKS))
+            where = " (a zoo backbone must be the first layer)" if name in list_models() else ""
+            raise EdgeportError(f"model YAML layer {index}: unknown block '{name}'{where}; supported: {known}, "
+                                "or a registered zoo model name as the first layer")
+        try:
+            block = BLOCKS[name]
+            module = nn.Sequential(*(block(*args) for _ in range(n))) if n > 1 else block(*args)
+        except (TypeError, ValueError) as e:
+            raise EdgeportError(f"model YAML layer {index} ({name} {args}): {e}") from None
+        layers.append(module)
+        froms.append(fi)
+        multi.append(False)
+        if index == 0:
+            chs = []
+        chs.append(c2)
+        index += 1
+    if not isinstance(layers[-1], Detect):
+        raise EdgeportError("model YAML: the last layer must be Detect (only detection models are supported)")
+    return layers, froms, multi, scale
+
+
+@torch.no_grad()
+def _feature_channels(backbone: nn.Module, ch: int) -> list[int]:
+    channels = getattr(backbone, "feature_channels", None)
+    if channels:
+        return list(channels)
+    was = backbone.training
+    outs = backbone.eval()(torch.zeros(1, ch, 64, 64))
+    backbone.train(was)
+    return [o.shape[1] for o in outs]
+
+
+class YOLO11(nn.Module):
+    """A YOLO11 detector from an Ultralytics model YAML dict; `self.model` is the layer list whose state-dict
+    keys Ultralytics uses."""
+
+    def __init__(self, cfg: dict | None = None, scale: str | None = None, nc: int | None = None, ch: int = 3):
+        super().__init__()
+        cfg = copy.deepcopy(cfg if cfg is not None else YOLO11_YAML)
+        if nc is not None:
+            cfg["nc"] = int(nc)
+        layers, self.froms, self.multi_out, scale = parse_model(cfg, scale, ch)
+        cfg["scale"] = scale
+        self.yaml = cfg
+        self.model = nn.ModuleList(layers)
+        self.nc = self.model[-1].nc
+        self.features_only = False
+        self.model[-1].stride = self._strides(ch)
+
+    @torch.no_grad()
+    def _strides(self, ch: int, s: int = 256) -> tuple[float, ...]:
+        was = self.training
+        self.eval()
+        feats = self._run(torch.zeros(1, ch, s, s), head=False)
+        self.train(was)
+        return tuple(s / f.shape[-2] for f in feats)
+
+    def _run(self, x, head=True):
+        y = []
+        for m, f, multi in zip(self.model, self.froms, self.multi_out):
+            if f != -1:
+                x = y[f] if isinstance(f, int) else [x if j == -1 else y[j] for j in f]
+            if m is self.model[-1] and not head:
+                return x
+            if multi:
+                outs = list(m(x))
+                y.extend([None] * (_ZOO_SLOTS - len(outs)) + outs)
+                x = outs[-1]
+            else:
+                x = m(x)
+                y.append(x)
+        return x
+
+    def forward(self, x):
+        """images [N, 3, H, W] (RGB 0..1, H and W multiples of 32) → (boxes [N, A, 4], scores [N, A, nc])."""
+        return self._run(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Realistic random weights (a detector has no classifier for models.calibrate.scale_head to scale).
+
+@torch.no_grad()
+def make_realistic_detector(model: YOLO11, batches, seed: int = 0, box_std: float = 3.0,
+                            cls_mean: float = -7.0, cls_std: float = 2.0) -> YOLO11:
+    """`models.calibrate`'s random affines and BN calibration, then the head's last convs rescaled so DFL logits
+    have std `box_std` (peaked bin distributions, varied boxes) and class logits mean `cls_mean`, std `cls_std`
+    (most scores ≈ 1e-3, a few hundred anchor-class pairs over 0.25 at 640²): a random-init head gives near-equal
+    bins and scores ≈ 0.5 everywhere, which hides decode and NMS errors. Returns a new eval model."""
+    from .calibrate import _batches, calibrate_bn, randomize_affine
+
+    xs = _batches(batches)
+    model = calibrate_bn(randomize_affine(model, seed), xs)
+    head = model.model[-1]
+    finals = [seq[-1] for seq in head.cv2] + [seq[-1] for seq in head.cv3]
+    outs = {id(m): [] for m in finals}
+    hooks = [m.register_forward_hook(lambda mod, a, out: outs[id(mod)].append(out.transpose(0, 1).flatten(1)))
+             for m in finals]
+    try:
+        for x in xs:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    for m in finals:
+        y = torch.cat(outs[id(m)], 1).double()
+        is_box = m.out_channels == 4 * head.reg_max
+        mean, std = y.mean().item(), y.std().item()
+        if not std > 0:
+            raise EdgeportError("make_realistic_detector: the head's outputs do not vary over the batches")
+        k = (box_std if is_box else cls_std) / std
+        target_mean = 0.0 if is_box else cls_mean
+        m.weight.mul_(k)
+        m.bias.copy_((m.bias - mean) * k + target_mean)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registered detectors.
+
+def _cfg(backbone: str = "") -> ModelCfg:
+    # Inputs are RGB in 0..1, letterboxed (scale to fit, centred, grey 114/255 padding): Ultralytics' convention.
+    return ModelCfg(input_size=(3, 640, 640), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_pct=1.0,
+                    interpolation="bilinear", num_classes=80, family="yolo11",
+                    extra={"task": "detection", "resize": "letterbox", "pad_value": 114, "strides": [8, 16, 32],
+                           "output_names": ["boxes", "scores"], "box_format": "xyxy",
+                           **({"backbone": backbone} if backbone else {})})
+
+
+def _detector(name, features_only, cfg, scale, kwargs) -> YOLO11:
+    if features_only:
+        raise EdgeportError(f"{name} is a detector and has no features-only form; export its backbone instead")
+    nc = kwargs.pop("num_classes", None)
+    if kwargs:
+        raise EdgeportError(f"{name}: unknown option(s) {', '.join(sorted(kwargs))}")
+    return YOLO11(cfg, scale=scale, nc=nc)
+
+
+@register_model(_cfg())
+def yolo11n(features_only=False, **kwargs):
+    return _detector("yolo11n", features_only, YOLO11_YAML, "n", kwargs)
+
+
+@register_model(_cfg())
+def yolo11s(features_only=False, **kwargs):
+    return _detector("yolo11s", features_only, YOLO11_YAML, "s", kwargs)
+
+
+@register_model(_cfg("fasternet_t0"))
+def yolo11n_fasternet_t0(features_only=False, **kwargs):
+    return _detector("yolo11n_fasternet_t0", features_only, zoo_backbone_yaml("fasternet_t0"), "n", kwargs)
+
+
+@register_model(_cfg("inception_next_atto"))
+def yolo11n_inception_next_atto(features_only=False, **kwargs):
+    return _detector("yolo11n_inception_next_atto", features_only, zoo_backbone_yaml("inception_next_atto"), "n",
+                     kwargs)
