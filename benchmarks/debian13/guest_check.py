@@ -70,6 +70,9 @@ def main(argv: list[str]) -> int:
             path = line.split()[-1]
             if ".so" in path:
                 libs.add(path)
+    userland = (os.path.dirname(sys.prefix), site, os.path.dirname(os.path.dirname(engine_file)))
+    check("libraries_from_userland", all(lib.startswith(userland) for lib in libs),
+          sorted(lib for lib in libs if not lib.startswith(userland)))
     print(json.dumps({"python": sys.version.split()[0], "glibc": os.confstr("CS_GNU_LIBC_VERSION"),
                       "machine": platform.machine(), "checks": checks, "failures": failures,
                       "shared_libraries": sorted(libs)}, indent=1))

@@ -106,7 +106,8 @@ def top1(infer_json: str) -> dict:
     return {"top1": top[0]["index"], "p1": round(top[0]["prob"], 5), "p2": round(top[1]["prob"], 5)}
 
 
-def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n: int, wheel: str) -> dict:
+def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n: int, overhead: int,
+               wheel: str) -> dict:
     site = os.path.join(cache, arch, "site")
     shutil.rmtree(os.path.join(cache, arch, "home"), ignore_errors=True)  # a board that never ran us
     before = mnn_files(site)
@@ -142,7 +143,7 @@ def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n:
                             "same_top1": got.get("top1") == host["model.mnn"]["top1"]}
     say(f"board install: python -m edgeport_runtime.infer model.mnn: {got} ({r['seconds']} s)")
     r = run(g + ["-m", "benchmarks.runtime_bench", os.path.join(model_dir, "model.mnn"), "--n", str(n),
-                 "--overhead-runs", str(n), "--json"], env)
+                 "--overhead-runs", str(overhead), "--json"], env)
     out["runtime_bench"] = json.loads(r["stdout"]) if r["rc"] == 0 else {"error": r["stderr"][-2000:]}
     out["runtime_bench"]["rc"], out["runtime_bench"]["seconds"] = r["rc"], r["seconds"]
     say(f"runtime_bench --n {n}: rc={r['rc']} ({r['seconds']} s)")
@@ -161,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", nargs="+", default=["amd64", "arm64"], choices=("amd64", "arm64"))
     p.add_argument("--image", help="default: CACHE/image.png")
     p.add_argument("--n", type=int, default=50, help="runtime_bench inferences (default: 50)")
+    p.add_argument("--overhead-runs", type=int, default=10,
+                   help="runtime_bench wrapper-overhead runs (default: 10; each is two forwards, slow under qemu)")
     args = p.parse_args(argv)
     cache, model_dir = os.path.abspath(args.cache), os.path.abspath(args.model_dir)
     image = os.path.abspath(args.image or os.path.join(cache, "image.png"))
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
     failed, wheel = [], board_wheel(cache)
     for arch in args.arch:
         t0 = time.perf_counter()
-        r = report[arch] = check_arch(cache, arch, model_dir, image, host, args.n, wheel)
+        r = report[arch] = check_arch(cache, arch, model_dir, image, host, args.n, args.overhead_runs, wheel)
         r["seconds"] = round(time.perf_counter() - t0, 1)
         if r["guest_check"]["failures"]:
             failed.append(f"{arch}: checks {r['guest_check']['failures']}")

@@ -16,7 +16,9 @@ CACHE=$(realpath -m "${1:?usage: setup.sh CACHE_DIR HOST_PYTHON}")
 HOST_PY=${2:?usage: setup.sh CACHE_DIR HOST_PYTHON}
 RELEASE=trixie
 WHEELS="MNN==3.6.1 numpy==2.4.6 pillow==13.0.0 onnxruntime==1.32.0"
-DEBS="libc6 libgcc-s1 libstdc++6 zlib1g libexpat1 libffi8 libssl3t64 libbz2-1.0 liblzma5 libmpdec4 libuuid1
+# Every library the runtime's imports map comes from these (guest_check.py lists the mapped libraries; libcrypto
+# needs libzstd).
+DEBS="libc6 libgcc-s1 libstdc++6 zlib1g libexpat1 libffi8 libssl3t64 libzstd1 libbz2-1.0 liblzma5 libmpdec4 libuuid1
       python3.13-minimal libpython3.13-minimal libpython3.13-stdlib"
 APT_HOST=(apt-get -q -o DPkg::Lock::Timeout=600)
 
@@ -76,7 +78,7 @@ for arch in amd64 arm64; do
     esac
     # 3. Sysroot: the .debs unpacked without dpkg's database; merged-/usr links as trixie's base-files makes them.
     SYSROOT=$CACHE/$arch/sysroot
-    if [ ! -x "$SYSROOT/usr/bin/python3.13" ]; then
+    if [ "$(cat "$SYSROOT/.debs" 2>/dev/null)" != "$(echo $DEBS)" ]; then
         DEBDIR=$APT/debs-$arch
         mkdir -p "$DEBDIR"
         say "downloading $RELEASE $arch packages"
@@ -88,6 +90,7 @@ for arch in amd64 arm64; do
         for pkg in $DEBS; do
             dpkg -x "$(ls -t "$DEBDIR/${pkg}_"*"_$arch.deb" | head -1)" "$tmp"
         done
+        echo $DEBS >"$tmp/.debs"
         mkdir -p "$CACHE/$arch" && rm -rf "$SYSROOT" && mv "$tmp" "$SYSROOT"
         say "$arch sysroot ready: $(du -sh "$SYSROOT" | cut -f1)"
     fi
