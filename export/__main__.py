@@ -6,6 +6,7 @@ import signal
 import sys
 
 from models.errors import EdgeportError
+from runtime.cli import ArgumentParser
 
 from . import targets
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import onnx_export
     from .pipeline import MLP_FORMS, PCONV_FORMS
 
-    p = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+    p = ArgumentParser(prog="python -m export", description=__doc__,
                                 epilog=EPILOG.format(targets=_target_lines()),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default="fasternet_t0", help="registered model (default fasternet_t0)")

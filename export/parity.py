@@ -10,7 +10,6 @@ breach names the target, metric and value, and bisection finds the first node th
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
@@ -25,6 +24,7 @@ import numpy as np
 from models.errors import EdgeportError
 from models.metrics import LOWER_BOUNDED, check_gates, compare, max_rel, validate_gates
 from runtime.atomic import jsonable, write_json
+from runtime.cli import ArgumentParser
 from runtime.engines import stdout_silenced
 
 from . import targets
@@ -281,7 +281,11 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
     }
     result["markdown"] = to_markdown(result)
     if write:
-        write_json(artifact_dir / "parity.json", {k: v for k, v in result.items() if k != "markdown"})
+        try:
+            write_json(artifact_dir / "parity.json", {k: v for k, v in result.items() if k != "markdown"})
+        except OSError as e:
+            raise EdgeportError(f"cannot write {artifact_dir / 'parity.json'}: {e.strerror or e}; make the "
+                                "directory writable or run without --write") from None
     return result
 
 
@@ -432,7 +436,7 @@ def _load_gates(text: str | None) -> dict | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.parity", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m export.parity", description=__doc__.splitlines()[0])
     p.add_argument("artifact_dir", type=Path, help="an export directory (artifacts/<model>/<form-tag>)")
     p.add_argument("--gates", help="JSON object (or file) laid over the export's gates, e.g. "
                                    '{"mnn_fp32": {"max_rel": 1e-4}}')
@@ -468,6 +472,12 @@ def main(argv=None) -> int:
         reference, inference, meta = build_models(manifest["source"])
         result = run_parity(d, reference, inference, meta, gates=gates, n_images=args.n_images,
                             bisect=not args.no_bisect, write=args.write, target_names=manifest_targets(manifest))
+        if args.write and "parity.json" in manifest["files"]:  # the manifest hashes it: keep them in step
+            from .manifest import sha256_file
+
+            written = d / "parity.json"
+            manifest["files"]["parity.json"] = {"size": written.stat().st_size, "sha256": sha256_file(written)}
+            write_json(manifest_path, manifest)
     except EdgeportError as e:
         print(f"parity: {e}", file=sys.stderr)
         return 2

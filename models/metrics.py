@@ -87,5 +87,7 @@ def validate_gates(gates: dict) -> None:
         for name, limit in limits.items():
             if name not in known:
                 raise ValueError(f"unknown gate metric '{name}' for '{backend}'; known: {', '.join(known)}")
-            if not isinstance(limit, (int, float)):
+            if not isinstance(limit, (int, float)) or isinstance(limit, bool):
                 raise ValueError(f"gate {backend}.{name} must be a number, got {limit!r}")
+            if not 0 <= limit < float("inf"):
+                raise ValueError(f"gate {backend}.{name} must be finite and non-negative, got {limit!r}")
