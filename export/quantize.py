@@ -167,8 +167,8 @@ def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict
              ) -> tuple[list[str], dict, list[str]]:
     """Keep layers in float, most harmful first, until the gates pass or `limit` of `layers` are kept.
 
-    Returns (layers kept in float, metrics of the last candidate, its breaches); an empty list and the
-    all-int8 metrics when no fallback was needed."""
+    Returns (layers kept in float, their metrics, breaches): the first candidate that passes, else the best
+    one seen (possibly all-int8, with its breaches); an empty list when no fallback was needed."""
     metrics = evaluate_without([])
     breaches = breaches_of(metrics)
     if not breaches:
@@ -176,13 +176,16 @@ def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict
     ranked = ranked or rank_sensitivity(layers, evaluate_without, metrics)
     most = max(1, int(limit * len(layers)))
     kept: list[str] = []
+    best = ([], metrics, breaches)
     for layer, _ in ranked[:most]:
         kept.append(layer)
         metrics = evaluate_without(kept)
         breaches = breaches_of(metrics)
         if not breaches:
-            break
-    return kept, metrics, breaches
+            return list(kept), metrics, breaches
+        if score(metrics) > score(best[1]):
+            best = (list(kept), metrics, breaches)
+    return best  # the limit reached and the gates still missed: the best candidate seen
 
 
 # ---- evidence that the compute is integer ----------------------------------------------------------------
