@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import zipfile
 from collections.abc import Mapping
 
 import torch
@@ -56,7 +55,8 @@ def sniff_format(path: str) -> str:
         raise EdgeportError(f"{path}: checkpoint file is empty; {expected}")
     text = head.decode("utf-8", "replace")  # a cut multi-byte character at the end becomes U+FFFD, printable
     if b"\0" not in head and all(c.isprintable() or c in "\r\n\t" for c in text):
-        kind = "CSV text" if "," in text.split("\n", 1)[0] else "text"
+        lines = text.splitlines()[:2]
+        kind = "CSV text" if len(lines) == 2 and lines[0].count(",") == lines[1].count(",") > 0 else "text"
         raise EdgeportError(f"{path}: checkpoint is a {kind} file, not weights; {expected}")
     raise EdgeportError(f"{path}: checkpoint is not in a known weights format (first bytes {head[:8].hex()}); "
                         f"{expected}")
@@ -86,7 +86,7 @@ def _read_file(path: str):
                             "torch.save(model.state_dict(), ...) or as .safetensors") from None
 
 
-def check_state_dict(model: nn.Module, state_dict: Mapping) -> None:
+def check_state_dict(model: nn.Module, state_dict: Mapping, source: str = "checkpoint") -> None:
     """EdgeportError unless every tensor the model would take is floating point where the model's parameter or
     buffer is (an int64 copy of real weights loads without complaint and makes a garbage reference that every
     backend agrees with) and every float tensor is finite."""
@@ -97,13 +97,13 @@ def check_state_dict(model: nn.Module, state_dict: Mapping) -> None:
     if not_float:
         k = not_float[0]
         raise EdgeportError(
-            f"checkpoint has {len(not_float)} non-float tensors where {name} has float weights (first: {k} "
+            f"{source} has {len(not_float)} non-float tensors where {name} has float weights (first: {k} "
             f"{str(state_dict[k].dtype).removeprefix('torch.')}); it is not a float checkpoint: re-save the "
             "trained float weights")
     for k, v in state_dict.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             bad = int(v.numel() - torch.isfinite(v).sum())
-            raise EdgeportError(f"checkpoint tensor {k} has {bad} of {v.numel()} values NaN/Inf; the weights are "
+            raise EdgeportError(f"{source}: tensor {k} has {bad} of {v.numel()} values NaN/Inf; the weights are "
                                 "corrupt or from a diverged run: use a finite checkpoint")
 
 
@@ -165,7 +165,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -
         raise EdgeportError(f"checkpoint does not fit {name}: " + "; ".join(parts)
                             + " (wrong model name, or pass strict=False to load what fits)")
     loadable = {k: v for k, v in sd.items() if k in own and k not in mismatched}
-    check_state_dict(model, loadable)
+    is_path = isinstance(path_or_state_dict, (str, os.PathLike))
+    check_state_dict(model, loadable, os.fspath(path_or_state_dict) if is_path else "checkpoint")
     model.load_state_dict(loadable, strict=False)
     return report
 
