@@ -142,7 +142,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -
     """Load weights in any supported layout. Returns a report {missing, unexpected, mismatched}.
 
     strict=True raises EdgeportError naming the first offending keys and their shapes; strict=False loads
-    what fits and returns the report. Non-float or non-finite weights are refused either way (check_state_dict). Head weights are ignored for features_only models.
+    what fits and returns the report. Non-float or non-finite weights are refused either way (check_state_dict).
+    Head weights are ignored for features_only models.
     """
     sd = convert_state_dict(read_state_dict(path_or_state_dict), model)
     own = model.state_dict()
