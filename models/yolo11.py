@@ -167,29 +167,38 @@ class C2f(nn.Module):
 
 
 class C3k2(C2f):
-    """C2f whose blocks are C3k (c3k=True) or plain bottlenecks (hidden width c/2)."""
+    """C2f whose blocks are C3k (c3k=True), plain bottlenecks (hidden width c/2) or bottleneck + attention."""
 
-    def __init__(self, c1, c2, n=1, c3k=False, e=0.5, g=1, shortcut=True):
+    def __init__(self, c1, c2, n=1, c3k=False, e=0.5, attn=False, g=1, shortcut=True):
         super().__init__(c1, c2, n, shortcut, g, e)
-        self.m = nn.ModuleList(C3k(self.c, self.c, 2, shortcut, g) if c3k else Bottleneck(self.c, self.c, shortcut, g)
-                               for _ in range(n))
+        c = self.c
+        self.m = nn.ModuleList(
+            nn.Sequential(Bottleneck(c, c, shortcut, g), PSABlock(c, attn_ratio=0.5, num_heads=max(c // 64, 1)))
+            if attn else C3k(c, c, 2, shortcut, g) if c3k else Bottleneck(c, c, shortcut, g)
+            for _ in range(n))
 
 
 class SPPF(nn.Module):
-    """Three chained k×k max-pools (= SPP with 5/9/13 windows), concatenated with their input."""
+    """n chained k×k max-pools (n=3, k=5: SPP with 5/9/13 windows), concatenated with their input.
 
-    def __init__(self, c1, c2, k=5):
+    cv1 has SiLU for YAML rows [c2, k] (YOLO11); Ultralytics 8.4 drops it when the row also gives n / shortcut
+    (YOLO26), which parse_model mirrors with cv1_act."""
+
+    def __init__(self, c1, c2, k=5, n=3, shortcut=False, cv1_act=True):
         super().__init__()
         c_ = c1 // 2
-        self.cv1 = conv_bn_silu(c1, c_)
-        self.cv2 = conv_bn_silu(c_ * 4, c2)
+        self.cv1 = conv_bn_silu(c1, c_, act=cv1_act)
+        self.cv2 = conv_bn_silu(c_ * (n + 1), c2)
         self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
+        self.n = n
+        self.add = shortcut and c1 == c2
 
     def forward(self, x):
         y = [self.cv1(x)]
-        for _ in range(3):
+        for _ in range(self.n):
             y.append(self.m(y[-1]))
-        return self.cv2(torch.cat(y, 1))
+        y = self.cv2(torch.cat(y, 1))
+        return y + x if self.add else y
 
 
 class Attention(nn.Module):
@@ -210,7 +219,7 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         qkv = self.qkv(x).view(b, self.num_heads, 2 * self.key_dim + self.head_dim, h * w)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.head_dim], dim=2)
-        attn = ((q.transpose(-2, -1) @ k) * self.scale).softmax(dim=-1)
+        attn = ((q * self.scale).transpose(-2, -1) @ k).softmax(dim=-1)
         x = (v @ attn.transpose(-2, -1)).view(b, c, h, w) + self.pe(v.reshape(b, c, h, w))
         return self.proj(x)
 
@@ -237,7 +246,8 @@ class C2PSA(nn.Module):
         self.c = int(c1 * e)
         self.cv1 = conv_bn_silu(c1, 2 * self.c)
         self.cv2 = conv_bn_silu(2 * self.c, c1)
-        self.m = nn.Sequential(*(PSABlock(self.c, attn_ratio=0.5, num_heads=self.c // 64) for _ in range(n)))
+        self.m = nn.Sequential(*(PSABlock(self.c, attn_ratio=0.5, num_heads=max(self.c // 64, 1))
+                                 for _ in range(n)))
 
     def forward(self, x):
         a, b = self.cv1(x).split((self.c, self.c), dim=1)
@@ -274,9 +284,12 @@ class Detect(nn.Module):
     """Anchor-free head: per level a box branch (4·REG_MAX DFL logits) and a class branch (nc logits, depthwise
     separable in YOLO11), decoded in the graph to pixel boxes and sigmoid scores."""
 
-    def __init__(self, nc=80, ch=()):
+    def __init__(self, nc=80, reg_max=REG_MAX, end2end=False, ch=()):
         super().__init__()
-        self.nc, self.nl, self.reg_max = nc, len(ch), REG_MAX
+        if end2end or reg_max < 2:
+            raise EdgeportError("Detect: end-to-end (one-to-one, YOLO26-style) heads and reg_max < 2 are not "
+                                "supported; YOLO11 heads are")
+        self.nc, self.nl, self.reg_max = nc, len(ch), reg_max
         c2 = max(16, ch[0] // 4, self.reg_max * 4)
         c3 = max(ch[0], min(nc, 100))
         self.cv2 = nn.ModuleList(
@@ -368,6 +381,8 @@ def parse_model(cfg: dict, scale: str | None = None, ch: int = 3):
     from ._registry import create_model, list_models
 
     nc = cfg.get("nc", 80)
+    if cfg.get("activation") not in (None, "nn.SiLU()"):
+        raise EdgeportError(f"model YAML activation {cfg['activation']!r} is not supported (YOLO11 uses nn.SiLU())")
     scale, depth, width, max_channels = _scale_of(cfg, scale)
     layers, froms, multi = [], [], []
     chs = [ch]
@@ -382,19 +397,19 @@ def parse_model(cfg: dict, scale: str | None = None, ch: int = 3):
         n = max(round(n * depth), 1) if n > 1 else n
         fi = f if isinstance(f, int) else list(f)
         if name in _CHANNEL_BLOCKS:
-            c1, c2 = chs[f], args[0]
-            if c2 != nc:
-                c2 = make_divisible(min(c2, max_channels) * width, 8)
+            c1, c2 = chs[f], make_divisible(min(args[0], max_channels) * width, 8)
             args = [c1, c2, *args[1:]]
             if name in _REPEAT_BLOCKS:
                 args.insert(2, n)
                 n = 1
             if name == "C3k2" and scale in ("m", "l", "x"):  # Ultralytics forces C3k blocks for M/L/X
-                args[3] = True
+                args[3:4] = [True]
+            if name == "SPPF":
+                args = [*args, *[3, False][len(args) - 3:], len(args) <= 3]
         elif name == "Concat":
             c2 = sum(chs[j] for j in fi)
         elif name == "Detect":
-            args.append([chs[j] for j in fi])
+            args.extend([cfg.get("reg_max", REG_MAX), cfg.get("end2end"), [chs[j] for j in fi]])
             c2 = None
         elif name == "nn.Upsample":
             c2 = chs[f]

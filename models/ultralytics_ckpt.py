@@ -1,0 +1,258 @@
+"""Ultralytics `.pt` checkpoints without Ultralytics: a restricted unpickler that rebuilds only tensors, plain
+containers and inert stand-ins for the pickled module objects, never running their code.
+
+An Ultralytics checkpoint pickles whole modules (`ultralytics.nn.tasks.DetectionModel`, its `Conv`, `C3k2`, ...
+and torch.nn layers). Each such class is replaced by `ModuleStub`, which only keeps the pickled `__dict__`
+(`_modules`, `_parameters`, `_buffers`, `yaml`, `names`, `stride`, ...). Any other global — `os.system`,
+`builtins.eval`, `subprocess.Popen`, a numpy or pathlib object — is refused with a one-line EdgeportError
+naming it, before anything from the file runs.
+
+    load_ultralytics(path) -> (YOLO11 model, info)     strict, fp16 weights → float32
+    read_ultralytics(path) -> (state_dict, yaml, info)  for models.load_checkpoint
+    is_ultralytics_checkpoint(path) -> bool
+"""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import types
+import zipfile
+
+import torch
+from torch import nn
+
+from .errors import EdgeportError
+from .layers import ConvNormAct
+
+# Globals a checkpoint may name, and what they become. Modules from these packages become stubs.
+_STUB_PACKAGES = ("ultralytics.", "torch.nn.modules.")  # module classes only: their code never runs
+_ALLOWED = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+}
+
+
+class ModuleStub:
+    """What a pickled module object becomes: its instance dict, and nothing that could execute."""
+
+    pickled_class = "?"
+
+    def __init__(self, *args, **kwargs):  # REDUCE on the class: keep the arguments, run nothing
+        self.__dict__["_stub_args"] = (args, kwargs)
+
+    def __setstate__(self, state):  # BUILD: (dict) or (dict, slots)
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+    def __repr__(self):
+        return f"<stub of {self.pickled_class}>"
+
+
+_STUBS: dict[str, type] = {}
+
+
+def _stub_class(module: str, name: str) -> type:
+    qual = f"{module}.{name}"
+    if qual not in _STUBS:
+        _STUBS[qual] = type(name, (ModuleStub,), {"pickled_class": qual, "__module__": __name__})
+    return _STUBS[qual]
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """pickle.Unpickler whose find_class resolves only the allow-list; torch.load adds storages and
+    persistent loads around it."""
+
+    def find_class(self, module, name):
+        module = {"__builtin__": "builtins"}.get(module, module)  # protocol-2 pickles use Python 2's name
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.startswith(_STUB_PACKAGES):
+            return _stub_class(module, name)
+        raise EdgeportError(f"refused to load the checkpoint: it pickles '{module}.{name}', which is not a tensor, "
+                            "container or model class (a foreign or malicious file?); re-save it as a state_dict")
+
+
+def _restricted_pickle_module() -> types.ModuleType:
+    mod = types.ModuleType("edgeport_restricted_pickle")
+    mod.Unpickler = RestrictedUnpickler
+    mod.load = lambda f, **kw: RestrictedUnpickler(f, **kw).load()
+    mod.UnpicklingError = pickle.UnpicklingError
+    return mod
+
+
+def read_pickle(path) -> object:
+    """torch.load with the restricted unpickler; EdgeportError for unreadable or refused files."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise EdgeportError(f"checkpoint file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=_restricted_pickle_module(), weights_only=False)
+    except EdgeportError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError,
+            AttributeError, KeyError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EdgeportError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
+
+
+def is_ultralytics_checkpoint(path) -> bool:
+    """A zip-format torch checkpoint whose pickle names Ultralytics classes (read without unpickling)."""
+    try:
+        with zipfile.ZipFile(os.fspath(path)) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            return pkl is not None and b"ultralytics" in z.read(pkl)
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _state_of(stub, prefix="") -> dict[str, torch.Tensor]:
+    """A module stub's state_dict, as nn.Module.state_dict would list it."""
+    d = stub.__dict__
+    sd = {}
+    for name, p in (d.get("_parameters") or {}).items():
+        if p is not None:
+            sd[prefix + name] = p
+    skip = d.get("_non_persistent_buffers_set") or set()
+    for name, b in (d.get("_buffers") or {}).items():
+        if b is not None and name not in skip:
+            sd[prefix + name] = b
+    for name, child in (d.get("_modules") or {}).items():
+        if child is not None:
+            sd.update(_state_of(child, f"{prefix}{name}."))
+    return sd
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return t.float() if t.is_floating_point() else t
+
+
+def read_ultralytics(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(state_dict in float32, model YAML dict, info) from an Ultralytics checkpoint (EMA weights if saved);
+    info["stub"] is the stand-in of the pickled model (its activations, names, strides)."""
+    path = os.fspath(path)
+    ckpt = read_pickle(path)
+    if isinstance(ckpt, ModuleStub):  # torch.save(model) instead of a trainer dict
+        ckpt = {"model": ckpt}
+    if not isinstance(ckpt, dict):
+        raise EdgeportError(f"{path}: not an Ultralytics checkpoint (top level is {type(ckpt).__name__}, not a dict)")
+    model = ckpt.get("ema") or ckpt.get("model")
+    if not isinstance(model, ModuleStub):
+        raise EdgeportError(f"{path}: not an Ultralytics checkpoint (no 'ema' or 'model' module in it)")
+    yaml_cfg = model.__dict__.get("yaml")
+    if not isinstance(yaml_cfg, dict) or "backbone" not in yaml_cfg:
+        raise EdgeportError(f"{path}: the checkpoint's model carries no model YAML dict ({model.pickled_class})")
+    sd = {k: _float32(v) for k, v in _state_of(model).items()}
+    names = model.__dict__.get("names")
+    stride = model.__dict__.get("stride")
+    train_args = ckpt.get("train_args") if isinstance(ckpt.get("train_args"), dict) else {}
+    info = {
+        "path": path,
+        "class": model.pickled_class,
+        "weights": "ema" if ckpt.get("ema") is not None else "model",
+        "dtype": str(next(iter(_state_of(model).values())).dtype).replace("torch.", "") if sd else None,
+        "names": [str(names[i]) for i in sorted(names)] if isinstance(names, dict) else None,
+        "stride": [float(s) for s in stride] if isinstance(stride, torch.Tensor) else None,
+        "ultralytics_version": ckpt.get("version"),
+        "date": ckpt.get("date"),
+        "imgsz": train_args.get("imgsz"),
+        "task": train_args.get("task", "detect"),
+        "stub": model,
+    }
+    return sd, yaml_cfg, info
+
+
+def load_ultralytics(path) -> tuple[torch.nn.Module, dict]:
+    """An Ultralytics YOLO11 checkpoint → (our YOLO11 model in eval mode with its weights, info).
+
+    Strict: every key and shape must match. `model.default_cfg` is the registered yolo11 config with the
+    checkpoint's class count, names and input size."""
+    from .checkpoint import convert_state_dict
+    from .yolo11 import YOLO11, _cfg
+
+    sd, yaml_cfg, info = read_ultralytics(path)
+    stub = info.pop("stub")
+    if info["task"] not in (None, "detect"):
+        raise EdgeportError(f"{info['path']}: a '{info['task']}' model; only detection (task 'detect') is supported")
+    model = YOLO11(yaml_cfg)
+    sd = _convert_zoo_backbones(sd, model, convert_state_dict)
+    _load_strict(model, sd, info["path"])
+    _adopt_activations(model, stub, info["path"])
+    if info["stride"] and [float(s) for s in model.model[-1].stride] != info["stride"]:
+        raise EdgeportError(f"{info['path']}: strides {info['stride']} differ from the rebuilt model's "
+                            f"{list(model.model[-1].stride)}")
+    cfg = _cfg().to_dict()
+    size = info["imgsz"] if isinstance(info["imgsz"], int) else 640
+    cfg.update(input_size=(3, size, size), num_classes=model.nc,
+               extra={**cfg["extra"], "names": info["names"], "source": "ultralytics",
+                      "ultralytics_version": info["ultralytics_version"]},
+               architecture=f"yolo11{model.yaml['scale'] or ''}")
+    model.default_cfg = cfg
+    model.model_name = os.path.splitext(os.path.basename(info["path"]))[0]
+    return model.eval(), info
+
+
+def _convert_zoo_backbones(sd, model, convert):
+    """A zoo backbone at layer 0 may come in its official layout (the seeds' forks): map it like
+    models.load_checkpoint does for the backbone alone."""
+    for pos, multi in enumerate(model.multi_out):
+        if not multi:
+            continue
+        prefix = f"model.{pos}."
+        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if sub:
+            sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+            sd.update({prefix + k: v for k, v in convert(sub, model.model[pos]).items()})
+    return sd
+
+
+def _load_strict(model, sd, path):
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{what}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched))
+                 if keys]
+        raise EdgeportError(f"{path}: weights do not fit the model its YAML describes ({'; '.join(parts)})")
+    model.load_state_dict(sd, strict=True)
+
+
+_ACTIVATIONS = {
+    "torch.nn.modules.activation.SiLU": nn.SiLU,
+    "torch.nn.modules.linear.Identity": nn.Identity,
+}
+
+
+def _adopt_activations(model, stub, path):
+    """Each Conv's activation as pickled (Ultralytics 8.4 builds SPPF.cv1 without one, 8.3 with SiLU)."""
+    for name, m in model.named_modules():
+        if not isinstance(m, ConvNormAct):
+            continue
+        node = stub
+        for part in name.split("."):
+            node = (node.__dict__.get("_modules") or {}).get(part) if isinstance(node, ModuleStub) else None
+        act = (node.__dict__.get("_modules") or {}).get("act") if isinstance(node, ModuleStub) else None
+        if act is None:  # our layout for a zoo backbone, or a module without a pickled activation
+            continue
+        cls = _ACTIVATIONS.get(act.pickled_class)
+        if cls is None:
+            raise EdgeportError(f"{path}: {name} uses activation {act.pickled_class}; only SiLU and identity are "
+                                "supported")
+        m.act = cls()
