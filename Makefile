@@ -55,6 +55,7 @@ bench-full: setup
 	$(PY) -m benchmarks --models all --iters 30 $(BENCH_ARGS)
 
 include benchmarks/arm/arm.mk
+include benchmarks/debian13/debian13.mk
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache

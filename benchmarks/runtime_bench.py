@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from runtime import EdgeRuntimeError, load
+from runtime.cli import OneLineParser, cli_main, int_in
 from runtime.engines import import_mnn, mnn_runtime_manager
-from runtime.infer import OneLineParser, cli_main, int_in
 
 MAX_RUNS = 10_000_000  # 80 MB of latencies; more is a typo
 

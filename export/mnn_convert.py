@@ -50,8 +50,9 @@ def convert(onnx_path, mnn_path, biz_code: str, precision: str = "fp32", log_pat
         cwd = os.getcwd()
         os.chdir(scratch)
         try:
-            import _tools  # the import itself prints "The device supports ..." from C
+            from runtime.mnn_import import import_extension
 
+            _tools = import_extension("_tools")  # the import itself prints "The device supports ..." from C
             ok = _tools.mnnconvert(argv)
         finally:
             os.chdir(cwd)

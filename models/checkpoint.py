@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -73,7 +74,10 @@ def _read_file(path: str):
         except Exception as e:
             raise EdgeportError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     try:
-        with open(path, "rb") as f:  # a file object: torch.load would pick a reader by the name's extension
+        # A file object: torch.load would pick a reader by the name's extension. Its warning about the pickle
+        # protocol of hand-made files says nothing the user can act on.
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message advises re-running with weights_only=False, i.e. executing the file: never pass that on

@@ -1,13 +1,59 @@
-"""What every edgeport command line shares: argparse errors as one line (problem, then where help is)."""
+"""What every edgeport command line shares: argparse errors on one line, integer options with bounds, and a
+`main` wrapper that turns warnings into one line each and never shows a traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error on stderr (no usage block) and exit status 2."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one stderr line (no usage block), still exit status 2."""
 
-    def error(self, message: str):
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def int_in(lo: int, hi: int | None = None):
+    """argparse type: an integer in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def cli_main(main, argv=None) -> int:
+    """main(argv) for a `python -m` entry point: its exit status, warnings as one "warning:" line each, and
+    never a traceback (Ctrl-C 130; a closed stdout pipe 0; out of memory 2; anything else, a bug, 1)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", RuntimeWarning)
+            warnings.showwarning = _one_line_warning
+            return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `| head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except MemoryError:
+        print("error: out of memory; use a smaller model, batch or run count", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug of ours: still one line, and a status unlike bad input's
+        print(f"internal error: {type(e).__name__}: {' '.join(str(e).split())[:300]} (please report it)",
+              file=sys.stderr)
+        return 1
+
+

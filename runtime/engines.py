@@ -129,7 +129,7 @@ class OrtEngine:
         try:
             import onnxruntime as ort
         except ImportError as e:
-            raise EdgeRuntimeError(f"onnxruntime is not installed ({e}); pip install '.[runtime]'") from None
+            raise EdgeRuntimeError(f"onnxruntime is not installed ({e}); pip install onnxruntime") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -185,6 +185,20 @@ def import_patched(name: str, root: str | None = None):
             f" {CACHE_ENV} at a directory on a filesystem mounted with exec") from None
 
 
+def import_extension(name: str, root: str | None = None):
+    """Import one of MNN's extension modules (e.g. `_tools`, the converter), through a patched copy when glibc
+    refuses its executable stack."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        raise EdgeRuntimeError(f"MNN's {name} is not installed; pip install MNN") from None
+    except ImportError as e:
+        if EXECSTACK_FAILURE not in str(e):
+            raise EdgeRuntimeError(f"MNN's {name} cannot load ({str(e).splitlines()[0]}); reinstall it: "
+                                   "pip install --force-reinstall MNN") from None
+    return import_patched(name, root)
+
+
 def import_mnn(root: str | None = None):
     """`import MNN`, through a patched `_mnncengine` when glibc refuses the installed one's executable stack."""
     try:
