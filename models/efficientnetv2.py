@@ -70,12 +70,12 @@ class FusedMBConv(nn.Module):
 class MBConv(nn.Module):
     """1x1 expand → 3x3 depthwise → SE → 1x1 project, residual when the shape is kept."""
 
-    def __init__(self, in_ch, out_ch, stride, expand, drop_path=0.0, se_form="conv"):
+    def __init__(self, in_ch, out_ch, stride, expand, drop_path=0.0, mlp="conv"):
         super().__init__()
         hidden = round(in_ch * expand)
         self.conv_pw = ConvNormAct(in_ch, hidden, 1, act=nn.SiLU)
         self.conv_dw = ConvNormAct(hidden, hidden, 3, stride, groups=hidden, act=nn.SiLU)
-        self.se = SqueezeExcite(hidden, make_divisible(in_ch // 4), act=nn.SiLU, form=se_form)
+        self.se = SqueezeExcite(hidden, make_divisible(in_ch // 4), act=nn.SiLU, form=mlp)
         self.conv_pwl = ConvNormAct(hidden, out_ch, 1)
         self.has_skip = stride == 1 and in_ch == out_ch
         self.drop_path = DropPath(drop_path) if self.has_skip else nn.Identity()
@@ -101,11 +101,12 @@ class ClassifierHead(nn.Module):
 
 
 class EfficientNetV2(nn.Module):
-    def __init__(self, stages, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, se_form="conv",
+    def __init__(self, stages, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, mlp="conv",
                  features_only=False):
         super().__init__()
-        if se_form not in SqueezeExcite.FORMS:
-            raise EdgeportError(f"unknown SE form '{se_form}'; valid forms: {', '.join(SqueezeExcite.FORMS)}")
+        if mlp not in SqueezeExcite.FORMS:
+            raise EdgeportError(f"unknown EfficientNetV2 mlp (SE) form '{mlp}'; valid forms: "
+                                f"{', '.join(SqueezeExcite.FORMS)}")
         self.stem = ConvNormAct(3, STEM_WIDTH, 3, 2, act=nn.SiLU)
         n_blocks = sum(depth for *_, depth, _ in stages)
         rates = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]  # linear, no tensors
@@ -119,7 +120,7 @@ class EfficientNetV2(nn.Module):
                 if kind == "fused":
                     blocks.append(FusedMBConv(in_ch, out_ch, s, expand, dp))
                 else:
-                    blocks.append(MBConv(in_ch, out_ch, s, expand, dp, se_form))
+                    blocks.append(MBConv(in_ch, out_ch, s, expand, dp, mlp))
                 in_ch = out_ch
             blocks_done += depth
             stride *= first_stride

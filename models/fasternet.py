@@ -24,11 +24,11 @@ __all__ = ["FasterNet", "FasterNetBlock", "FasterNetStage", "FasterNetHead"]
 
 class FasterNetBlock(nn.Module):
     def __init__(self, dim, n_div=4, mlp_ratio=2.0, act=nn.ReLU, drop_path=0.0, layer_scale=None,
-                 pconv_form="split_cat", mlp_form="conv"):
+                 pconv="split_cat", mlp="conv"):
         super().__init__()
-        self.spatial_mixing = PartialConv(dim, n_div, 3, form=pconv_form)
+        self.spatial_mixing = PartialConv(dim, n_div, 3, form=pconv)
         self.mlp = PointwiseMlp(dim, int(dim * mlp_ratio), dim, act=act, bias=False, mid_norm="bn",
-                                layer_scale=layer_scale, form=mlp_form)
+                                layer_scale=layer_scale, form=mlp)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
@@ -68,7 +68,7 @@ class FasterNet(nn.Module):
     def __init__(self, embed_dim=96, depths=(1, 2, 8, 2), mlp_ratio=2.0, n_div=4, patch_size=4,
                  patch_stride=4, merge_size=2, merge_stride=2, feature_dim=1280, act=nn.ReLU,
                  drop_path_rate=0.1, layer_scale=None, num_classes=1000, in_chans=3, features_only=False,
-                 pconv_form="split_cat", mlp_form="conv"):
+                 pconv="split_cat", mlp="conv"):
         super().__init__()
         dims = [int(embed_dim * 2 ** i) for i in range(len(depths))]
         self.patch_embed = ConvNormAct(in_chans, embed_dim, patch_size, patch_stride, padding=0)
@@ -81,7 +81,7 @@ class FasterNet(nn.Module):
             stages.append(FasterNetStage(
                 dims[max(i - 1, 0)], dims[i], depth, merge_size, merge_stride if i > 0 else 1,
                 drop_path=dpr[first:first + depth], n_div=n_div, mlp_ratio=mlp_ratio, act=act,
-                layer_scale=layer_scale, pconv_form=pconv_form, mlp_form=mlp_form))
+                layer_scale=layer_scale, pconv=pconv, mlp=mlp))
         self.stages = nn.Sequential(*stages)
         self.num_features = dims[-1]
         self.feature_channels = dims

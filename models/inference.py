@@ -29,6 +29,8 @@ from .layers import ConvNormAct, DropPath, LayerNorm2d, PartialConv, PointwiseMl
 
 PCONV_FORMS = (*PartialConv.FORMS, "fused")
 MLP_FORMS = PointwiseMlp.FORMS
+# What an export gets when nobody picks a form: the training PConv and the original-layout MLP.
+DEFAULT_PCONV, DEFAULT_MLP = "split_cat", "fc"
 
 
 class EquivalenceError(EdgeportError, AssertionError):
@@ -51,7 +53,7 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def to_inference(model: nn.Module, pconv: str = "slicing", mlp: str = "conv",
+def to_inference(model: nn.Module, pconv: str = DEFAULT_PCONV, mlp: str = DEFAULT_MLP,
                  fold_bn: bool = True) -> nn.Module:
     """A new eval-mode copy of `model` in the requested forms with dropout removed, layer scales folded and
     (with `fold_bn`) BatchNorms folded into their convs. `model.inference_info` reports what changed."""

@@ -70,11 +70,13 @@ class PartialConv(nn.Module):
 
     Forms (same weights, same output):
       split_cat  split → conv → concat (training form)
+      slice_cat  two slices → conv → concat: exports as ONNX Slice, not Split, so MNN keeps NC4HW4 (its
+                 converter moves a Split with a constant sizes input to NCHW, two layout conversions each side)
       slicing    clone the input, conv the slice in place (clone kept: the block's shortcut needs x untouched)
       full       one dense conv over all channels; untouched channels get an identity kernel
     """
 
-    FORMS = ("split_cat", "slicing", "full")
+    FORMS = ("split_cat", "slice_cat", "slicing", "full")
 
     def __init__(self, dim: int, n_div: int = 4, kernel_size: int = 3, form: str = "split_cat"):
         super().__init__()
@@ -111,6 +113,8 @@ class PartialConv(nn.Module):
             return x
         if self.form == "full":
             return F.conv2d(x, self.full_weight(), padding=self.kernel_size // 2)
+        if self.form == "slice_cat":
+            return torch.cat((self.conv(x[:, :dc]), x[:, dc:]), 1)
         x1, x2 = torch.split(x, [dc, self.dim - dc], dim=1)
         return torch.cat((self.conv(x1), x2), 1)
 

@@ -1,5 +1,6 @@
 """to_inference on the real families: every form combination computes what the training form computes."""
 import copy
+import inspect
 import itertools
 
 import pytest
@@ -152,9 +153,20 @@ def test_train_mode_model_is_switched_to_eval_with_a_warning():
     assert_equivalent(ref, new, X)  # running statistics were folded, not batch statistics
 
 
+def test_default_forms_are_the_export_fallback():
+    """One vocabulary: to_inference's defaults are what an export gets when no form is chosen."""
+    from export.source import make_source
+
+    ours = {k: p.default for k, p in inspect.signature(to_inference).parameters.items() if k in ("pconv", "mlp")}
+    theirs = {k: p.default for k, p in inspect.signature(make_source).parameters.items() if k in ("pconv", "mlp")}
+    assert ours == theirs == {"pconv": "split_cat", "mlp": "fc"}
+    info = to_inference(realistic("fasternet_t0")).inference_info
+    assert (info["pconv"], info["mlp"]) == ("split_cat", "fc")
+
+
 def test_unknown_forms_are_refused():
     model = create_model("fasternet_t0")
-    with pytest.raises(EdgeportError, match="'dense'; valid forms: split_cat, slicing, full, fused"):
+    with pytest.raises(EdgeportError, match="'dense'; valid forms: split_cat, slice_cat, slicing, full, fused"):
         to_inference(model, pconv="dense")
     with pytest.raises(EdgeportError, match="unknown MLP form 'linear'; valid forms: conv, fc"):
         to_inference(model, mlp="linear")

@@ -80,7 +80,7 @@ def test_pconv_forms_match_split_cat(dc, n_div, k, n, h, w, seed):
     ref = randomize(PartialConv(dc * n_div, n_div, k), seed)
     before = snapshot(ref)
     x = image(seed, n, dc * n_div, h, w)
-    for form in ("slicing", "full"):
+    for form in PartialConv.FORMS[1:]:
         new = set_pconv_form(ref, form)
         assert new.form == form
         assert_equivalent(ref, new, x)
@@ -135,6 +135,61 @@ def test_pconv_fused_catches_a_wrong_composition(monkeypatch):
         assert_equivalent(ref, bad, x)
 
 
+def test_pconv_slice_cat_catches_swapped_halves():
+    """The gate catches a real defect in slice_cat: the conv'd and passed-through halves concatenated in the
+    wrong order (same shape, other values)."""
+    ref = randomize(PartialConv(8, 4), 0)
+    x = image(0, 2, 8, 5, 5)
+    good = set_pconv_form(ref, "slice_cat")
+    assert_equivalent(ref, good, x)
+    bad = set_pconv_form(ref, "slice_cat")
+    dc = bad.dim_conv
+    bad.forward = lambda x: torch.cat((x[:, dc:], bad.conv(x[:, :dc])), 1)
+    with pytest.raises(AssertionError, match="models differ"):
+        assert_equivalent(ref, bad, x)
+
+
+def export_block(form, tmp_path):
+    """A 1x1 stem conv and a FasterNet-shaped block (dim 40, PConv width 10: not a multiple of MNN's 4-channel
+    pack) in `form`, exported to ONNX like `make export` does; returns the path and its op types."""
+
+    from export import onnx_export
+
+    # the stem: in a network the block's input arrives packed (NC4HW4), not as the NCHW model input
+    block = set_pconv_form(randomize(nn.Sequential(nn.Conv2d(40, 40, 1), Block(40, 4, 3, 80)), 0), form)
+    path = tmp_path / f"{form}.onnx"
+    meta = {"input_shape": [1, 40, 8, 8], "input_name": "input", "output_names": ["out"]}
+    graph = onnx_export.export_onnx(block, path, meta)
+    return path, [n.op_type for n in graph.graph.node]
+
+
+def mnn_op_types(onnx_path):
+    import json
+
+    import _tools
+
+    from export import mnn_convert
+    from export._console import redirect_fds
+
+    mnn = mnn_convert.convert(onnx_path, onnx_path.with_suffix(".mnn"), "test")
+    dump = mnn.with_suffix(".json")
+    with redirect_fds(mnn.with_suffix(".json.log")):
+        _tools.mnnconvert(["MNNConvert", "-f", "MNN", "--modelFile", str(mnn), "--JsonFile", str(dump)])
+    return [op["type"] for op in json.loads(dump.read_text())["oplists"]]
+
+
+def test_pconv_slice_cat_keeps_mnn_packed_layout(tmp_path):
+    """Why slice_cat exists: MNN's converter puts an ONNX Split (sizes as a constant input) on NCHW with four
+    layout conversions around it; two ONNX Slices keep NC4HW4 (only the input's and output's remain)."""
+    split_path, split_ops = export_block("split_cat", tmp_path)
+    slice_path, slice_ops = export_block("slice_cat", tmp_path)
+    assert "Split" in split_ops and "Slice" not in split_ops
+    assert "Split" not in slice_ops and slice_ops.count("Slice") == 2 and "Concat" in slice_ops
+    # split_cat: the input's and the output's, plus stem → Split, Split → conv, conv → Concat, Concat → fc1
+    assert mnn_op_types(split_path).count("ConvertTensor") == 2 + 4
+    assert mnn_op_types(slice_path).count("ConvertTensor") == 2
+
+
 def test_pconv_divisibility_error_names_the_layer():
     model = nn.Sequential(nn.Identity(), nn.Sequential(PartialConv(8, 4)))
     model[1][0].n_div = 3
@@ -143,7 +198,7 @@ def test_pconv_divisibility_error_names_the_layer():
 
 
 def test_unknown_forms_list_the_valid_ones():
-    with pytest.raises(EdgeportError, match="valid forms: split_cat, slicing, full, fused"):
+    with pytest.raises(EdgeportError, match="valid forms: split_cat, slice_cat, slicing, full, fused"):
         set_pconv_form(PartialConv(8), "dense")
     with pytest.raises(EdgeportError, match="valid forms: conv, fc"):
         set_mlp_form(PointwiseMlp(8, 16), "linear")
