@@ -4,9 +4,9 @@ the board runs).
     compare_detections(ref, out, meta) -> metrics    ref/out: {"boxes": [N, A, 4], "scores": [N, A, nc]}
     check_detection_gates(metrics, gates, label) -> breach lines
 
-A detection whose score lies within the measured score error of the threshold, or whose suppression hinged on
-an IoU within IOU_MARGIN of the NMS threshold, may legitimately appear on one side only: it counts as
-`borderline`, not as `unmatched`.
+A detection whose score lies within SCORE_MARGIN of the threshold, or whose suppression hinged on an IoU within
+IOU_MARGIN of the NMS threshold, may legitimately appear on one side only: it counts as `borderline`, not as
+`unmatched` (the raw score and box errors are gated on their own).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 
 from runtime.detect import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, box_iou, nms
 
+SCORE_MARGIN = 0.01
 IOU_MARGIN = 0.02
 PAIR_IOU = 0.5  # below this two boxes are different objects, not one detection moved
 BOX_SCORE_FLOOR = 0.01  # box errors are judged on anchors some class scores at least this high
@@ -49,10 +50,10 @@ def _pair(ref_dets, out_dets):
     return pairs
 
 
-def _borderline(det, other_dets, conf, iou, score_tol) -> bool:
-    if abs(det[4] - conf) <= score_tol:
+def _borderline(det, other_dets, conf, iou) -> bool:
+    if abs(det[4] - conf) <= SCORE_MARGIN:
         return True
-    rivals = other_dets[(other_dets[:, 5] == det[5]) & (other_dets[:, 4] >= det[4] - score_tol)]
+    rivals = other_dets[(other_dets[:, 5] == det[5]) & (other_dets[:, 4] >= det[4] - SCORE_MARGIN)]
     if len(rivals):
         overlap = box_iou(det[None, :4], rivals[:, :4]).max()
         return abs(overlap - iou) <= IOU_MARGIN
@@ -83,7 +84,6 @@ def compare_detections(ref: dict, out: dict, meta: dict | None = None) -> dict:
          "score": score_err, "detections_ref": 0, "detections_out": 0, "matched": 0, "unmatched": 0,
          "borderline": 0, "class_mismatch": 0, "min_iou": 1.0, "nan_inf": 0 if finite else 1,
          "nms": {"conf": conf, "iou": iou, "max_det": max_det}}
-    tol = score_err + 1e-6
     for n in range(rb.shape[0]):
         rd = nms(rb[n], rs[n], conf, iou, max_det).astype(np.float64)
         od = nms(np.nan_to_num(ob[n]), np.nan_to_num(os_[n]), conf, iou, max_det).astype(np.float64)
@@ -98,7 +98,7 @@ def compare_detections(ref: dict, out: dict, meta: dict | None = None) -> dict:
         lone_out = set(range(len(od))) - {j for _, j, _ in pairs}
         for dets, others, lone in ((rd, od, lone_ref), (od, rd, lone_out)):
             for k in lone:
-                if _borderline(dets[k], others, conf, iou, tol):
+                if _borderline(dets[k], others, conf, iou):
                     m["borderline"] += 1
                 else:
                     m["unmatched"] += 1
