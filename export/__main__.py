@@ -6,7 +6,7 @@ import signal
 import sys
 
 from models.errors import EdgeportError
-from runtime.cli import ArgumentParser
+from runtime.cli import OneLineParser
 
 from . import targets
 
@@ -23,7 +23,9 @@ targets (--targets, registry in export/targets.py; each is judged against PyTorc
 {targets}
 mnn_fp16w: conv/matmul weights stored as half floats, rounded to nearest by us first (MNN's own cast
 truncates, a bias that compounds with depth). mnn_int8w: per-output-channel int8 weights with a scale and
-offset each (MNN expands them to float at load: a smaller file, not faster arithmetic).
+offset each (MNN expands them to float at load: a smaller file, not faster arithmetic). ort_int8, mnn_int8:
+integer arithmetic with activation scales calibrated on --calib DIR; judged on held-out photos (cosine, top-1
+against the float model); layers that break the gate are kept in float (listed in the manifest and report).
 
 output: OUT/MODEL/FORM-TAG/{{the targets' files, parity.json, manifest.json, report.md, export.log}};
 FORM-TAG is e.g. split_cat-fc, fc (no PConv), ...-features.
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import onnx_export
     from .pipeline import MLP_FORMS, PCONV_FORMS
 
-    p = ArgumentParser(prog="python -m export", description=__doc__,
+    p = OneLineParser(prog="python -m export", description=__doc__,
                                 epilog=EPILOG.format(targets=_target_lines()),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default="fasternet_t0", help="registered model (default fasternet_t0)")
@@ -72,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=_csv(tuple(t.name for t in targets.ARTIFACTS)),
                    default=targets.DEFAULT_TARGETS,
                    help="comma-separated artifact targets (default: " + ",".join(targets.DEFAULT_TARGETS) + ")")
+    p.add_argument("--calib", metavar="DIR",
+                   help="int8 targets: calibrate on these images (recursively; 300+ like the deployment's "
+                        "recommended; default: the bundled sample photos, augmented, which is weaker)")
+    p.add_argument("--int8-mnn", default="KL", choices=("KL", "ADMM", "EMA"),
+                   help="mnn_int8: MNN's activation-scale method (default KL)")
     p.add_argument("--opset", type=int, default=onnx_export.DEFAULT_OPSET,
                    help=f"ONNX opset (default {onnx_export.DEFAULT_OPSET})")
     p.add_argument("--exporter", default="legacy", choices=onnx_export.EXPORTERS,
@@ -109,7 +116,7 @@ def _main(argv) -> int:
 
     opts = ExportOptions(model=args.model, weights=args.weights, img_size=args.img_size,
                          batch=args.batch, dynamic_batch=args.dynamic_batch, pconv=args.pconv, mlp=args.mlp,
-                         targets=args.targets, opset=args.opset,
+                         targets=args.targets, calib=args.calib, int8_mnn=args.int8_mnn, opset=args.opset,
                          exporter=args.exporter, simplifier=args.simplifier,
                          features_only=args.features_only, out=args.out, parity=args.parity, seed=args.seed,
                          verbose=args.verbose)
@@ -122,4 +129,6 @@ def _main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runtime.cli import cli_main
+
+    sys.exit(cli_main(main))

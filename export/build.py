@@ -7,7 +7,8 @@ harness and the tests all build artifacts through this one function.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,9 @@ class BuildContext:
     meta: dict
     log: Path
     verbose: bool
+    calib_dir: str | None = None     # int8 targets: the user's calibration images (None: bundled, augmented)
+    int8_mnn_method: str = "KL"     # MNN quantiser feature_quantize_method
+    records: dict = field(default_factory=dict)  # per target: what its producer decided (manifest "targets")
 
     @property
     def onnx_path(self) -> Path:
@@ -42,19 +46,50 @@ class BuildContext:
         """The ONNX graph MNN's converter reads."""
         return self.onnx_path
 
+    @cached_property
+    def _calibration(self):
+        from .calibration import calibration_batch
+
+        return calibration_batch(self.meta, self.calib_dir)
+
+    def calibration(self):
+        """(calibration tensors, info) for the int8 targets, computed once per build."""
+        return self._calibration
+
+    @cached_property
+    def _eval(self):
+        from .parity import held_out_inputs
+
+        return held_out_inputs(self.meta)
+
+    def eval_inputs(self):
+        """Held-out inputs (never calibrated on) the int8 targets are judged on."""
+        return self._eval
+
+    @cached_property
+    def _float_eval(self):
+        from .int8 import _float_outputs
+
+        return _float_outputs(self.onnx_path, self.eval_inputs())
+
+    def float_eval(self) -> dict:
+        """The float ONNX model's outputs on `eval_inputs()`: what the int8 fallback compares with."""
+        return self._float_eval
+
 
 def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.DEFAULT_TARGETS, *,
                    opset: int = onnx_export.DEFAULT_OPSET, exporter: str = "legacy", simplifier: str = "onnxsim",
-                   log=None, verbose: bool = False,
+                   log=None, verbose: bool = False, calib_dir: str | None = None, int8_mnn_method: str = "KL",
                    step: Callable[[str], AbstractContextManager] | None = None) -> dict:
     """Export `model` (eval, inference form) to out_dir/model.onnx (checked, simplified, linted, with `meta`
     embedded), then produce every selected target's file from it. model.onnx is always written: every other
-    file derives from it and bisection reads it. Returns {"targets": [...], "onnx": {...op histograms, lint}}.
+    file derives from it and bisection reads it. Returns {"targets": [...], "records": {target: what its
+    producer decided, e.g. int8 layers kept in float}, "onnx": {...op histograms, lint}}.
     Raises EdgeportError when a step fails."""
     step = step or (lambda name: nullcontext())
     chosen = targets.select(target_names)
     out_dir = Path(out_dir)
-    ctx = BuildContext(out_dir, meta, Path(log) if log else out_dir / LOG, verbose)
+    ctx = BuildContext(out_dir, meta, Path(log) if log else out_dir / LOG, verbose, calib_dir, int8_mnn_method)
     quiet = not verbose
     raw_path = out_dir / "model.raw.onnx"
 
@@ -84,6 +119,6 @@ def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.D
         if target.produce is not None and target.file != ctx.onnx_path.name:
             with step(f"{target.name} → {target.file}"):
                 target.produce(ctx, target)
-    return {"targets": [t.name for t in chosen],
+    return {"targets": [t.name for t in chosen], "records": ctx.records,
             "onnx": {"op_histogram_exported": hist_raw, "op_histogram": hist, "lint": warnings,
                      "nodes_exported": sum(hist_raw.values()), "nodes": sum(hist.values())}}

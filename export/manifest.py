@@ -60,6 +60,19 @@ def _histogram_table(raw: dict, final: dict) -> list[str]:
     return markdown_table(["op", "exported", "simplified"], rows, "lrr")
 
 
+def _record_lines(record: dict) -> list[str]:
+    """What an int8 producer decided, for people."""
+    calib = record.get("calibration", {})
+    lines = [f"- calibration: {calib.get('samples')} samples from {calib.get('source')}"]
+    lines += [f"- warning: {w}" for w in calib.get("warnings", [])]
+    kept = record.get("kept_in_float") or []
+    lines.append(f"- layers kept in float: {len(kept)}" + (": " + ", ".join(f"`{k}`" for k in kept) if kept else ""))
+    if record.get("fallback_breaches"):
+        lines.append("- still breaching against the float model: " + "; ".join(record["fallback_breaches"]))
+    lines.append(f"- judged on: {record.get('evaluated_on')}")
+    return lines
+
+
 def render_report(manifest: dict, parity_markdown: str | None = None) -> str:
     src, meta, onnx_info = manifest["source"], manifest["metadata"], manifest.get("onnx", {})
     status = f"**Status: {manifest['status'].upper()}**"
@@ -79,6 +92,8 @@ def render_report(manifest: dict, parity_markdown: str | None = None) -> str:
                   f"simplifier {exp['simplifier']})", ""]
         lines += _histogram_table(onnx_info["op_histogram_exported"], onnx_info["op_histogram"])
         lines += ["", "Lint: " + ("; ".join(onnx_info["lint"]) if onnx_info["lint"] else "clean")]
+    for name, record in (manifest.get("targets") or {}).items():
+        lines += ["", f"## {name}", ""] + _record_lines(record)
     lines += ["", "## Parity", ""]
     parity = manifest["parity"]
     if parity.get("status") == "skipped":

@@ -24,7 +24,7 @@ import numpy as np
 from models.errors import EdgeportError
 from models.metrics import LOWER_BOUNDED, check_gates, compare, max_rel, validate_gates
 from runtime.atomic import jsonable, write_json
-from runtime.cli import ArgumentParser
+from runtime.cli import OneLineParser
 from runtime.engines import stdout_silenced
 
 from . import targets
@@ -138,6 +138,9 @@ def _bisect(backend: str, artifact_dir: Path, x, outputs, gates, reference, infe
         return {"found": False, "note": "no max_rel gate to bisect on"}
     worst = x[_worst_samples(outputs["reference"], outputs[backend], BISECT_SAMPLES)]
     target = targets.get(backend)
+    if target.bisect == "none":
+        return {"found": False, "note": f"{backend} is not bisected: its producer already kept the most harmful "
+                                        "layers in float (see the manifest's targets record)"}
     if target.bisect == "torch":
         return bisect_torch(reference, inference, worst, gate)
     previous = target.made_from
@@ -149,6 +152,17 @@ def _bisect(backend: str, artifact_dir: Path, x, outputs, gates, reference, infe
                             f"divergence is already in {previous}"}
     return bisect_onnx(artifact_dir / "model.onnx", worst, target, gate,
                        artifact=artifact_dir / target.file, time_budget=budget)
+
+
+HELD_OUT_DESCRIPTION = ("the evaluation half of the bundled photos and augmented views of them "
+                        "(export.calibration.evaluation_batch), never used for calibration")
+
+
+def held_out_inputs(meta: dict, n: int | None = None) -> np.ndarray:
+    """What targets with inputs="held_out" (int8) are judged on."""
+    from .calibration import DEFAULT_EVAL, evaluation_batch
+
+    return evaluation_batch(meta, n or DEFAULT_EVAL)
 
 
 def reference_outputs(reference, x: np.ndarray, meta: dict) -> dict:
@@ -204,6 +218,7 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
     else:
         skipped[targets.INFERENCE] = "no inference-form model given"
     required = None if target_names is None else {t.name for t in targets.select(target_names)}
+    held = None
     for target in targets.ARTIFACTS:
         path = artifact_dir / target.file
         if required is not None and target.name not in required:
@@ -217,7 +232,11 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
         sources[target.name] = target.file + (f" (precision={target.precision})"
                                               if target.precision != "fp32" else "")
         try:
-            outputs[target.name] = target_outputs(target, path, x, meta)
+            if target.inputs == "held_out" and "reference@held_out" not in outputs:
+                held = held_out_inputs(meta)
+                outputs["reference@held_out"] = reference_outputs(reference, held, meta)
+                inputs["held_out"] = {"count": len(held), "description": HELD_OUT_DESCRIPTION}
+            outputs[target.name] = target_outputs(target, path, held if target.inputs == "held_out" else x, meta)
         except Exception as e:  # any failure to load or run is a failure to prove parity
             errors[target.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
@@ -228,8 +247,8 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
             breaches.append(f"{backend}: failed to run ({errors[backend]})")
         if backend not in outputs:
             continue
-        results[backend], lines = judge(backend, outputs["reference"], outputs[backend], gates[backend],
-                                        classifier)
+        ref = outputs["reference@held_out" if target.inputs == "held_out" else "reference"]
+        results[backend], lines = judge(backend, ref, outputs[backend], gates[backend], classifier)
         breaches += lines
         if lines:
             breached.append(backend)
@@ -238,6 +257,9 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
         breaches.insert(0, f"reference: {degenerate}")
 
     notes = [f"every target is compared against the {REFERENCE} on the same inputs"]
+    if "held_out" in inputs:
+        notes.append(f"int8 targets are judged on {inputs['held_out']['count']} other inputs: "
+                     f"{HELD_OUT_DESCRIPTION}")
     if any(targets.get(b).engine == "mnn" for b in results if b in targets.TARGET_BY_NAME):
         notes.append(f"MNN ran as runtime.load runs it by default: 1 thread, winograd='{RUNTIME_WINOGRAD}' (3x3 convs "
                      "in F(2,3) tiles); winograd='fast' (F(6,3)) is not what this checks")
@@ -436,7 +458,7 @@ def _load_gates(text: str | None) -> dict | None:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m export.parity", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m export.parity", description=__doc__.splitlines()[0])
     p.add_argument("artifact_dir", type=Path, help="an export directory (artifacts/<model>/<form-tag>)")
     p.add_argument("--gates", help="JSON object (or file) laid over the export's gates, e.g. "
                                    '{"mnn_fp32": {"max_rel": 1e-4}}')
@@ -494,4 +516,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from runtime.cli import cli_main
+
+    sys.exit(cli_main(main))

@@ -44,6 +44,8 @@ class ExportOptions:
     pconv: str = "auto"
     mlp: str = "auto"
     targets: tuple[str, ...] = targets.DEFAULT_TARGETS
+    calib: str | None = None
+    int8_mnn: str = "KL"
     opset: int = onnx_export.DEFAULT_OPSET
     exporter: str = "legacy"
     simplifier: str = "onnxsim"
@@ -53,6 +55,9 @@ class ExportOptions:
     seed: int = 0
     verbose: bool = False
     gates: dict | None = None
+
+
+INT8_MNN_METHODS = ("KL", "ADMM", "EMA")  # MNN quantiser feature_quantize_method
 
 
 def resolve_forms(model: str, pconv: str, mlp: str, path: Path = RECOMMENDATION):
@@ -85,6 +90,15 @@ def resolve_forms(model: str, pconv: str, mlp: str, path: Path = RECOMMENDATION)
 def _check_options(opts: ExportOptions) -> None:
     onnx_export.check_options(opts.opset, opts.exporter, opts.simplifier)
     targets.select(opts.targets)
+    if opts.calib is not None:
+        from .calibration import image_files
+
+        int8 = [t for t in opts.targets if targets.get(t).compute == "int8"]
+        if not int8:
+            raise EdgeportError("--calib is only used by int8 targets; add --targets ...,ort_int8,mnn_int8 or drop it")
+        image_files(opts.calib)  # a missing, empty or image-free directory fails here, before any work
+    if opts.int8_mnn not in INT8_MNN_METHODS:
+        raise EdgeportError(f"unknown --int8-mnn {opts.int8_mnn}; use one of {', '.join(INT8_MNN_METHODS)}")
     if opts.pconv not in ("auto", *PCONV_FORMS):
         raise EdgeportError(f"unknown --pconv {opts.pconv}; use auto or one of {', '.join(PCONV_FORMS)}")
     if opts.mlp not in ("auto", *MLP_FORMS):
@@ -155,7 +169,13 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
     console.print(f"[bold]{opts.model}[/bold] → {Path(opts.out) / opts.model / tag}  "
                   f"(input {meta['input_shape']}, pconv={meta['pconv']}, mlp={meta['mlp']})")
     built = build_artifact(inference, meta, build, opts.targets, opset=opts.opset, exporter=opts.exporter,
-                           simplifier=opts.simplifier, log=build / LOG, verbose=opts.verbose, step=steps.step)
+                           simplifier=opts.simplifier, log=build / LOG, verbose=opts.verbose, calib_dir=opts.calib,
+                           int8_mnn_method=opts.int8_mnn, step=steps.step)
+    for name, record in built["records"].items():
+        for w in record.get("calibration", {}).get("warnings", []):
+            console.print(f"  [yellow]warning:[/yellow] {name}: {w}")
+        if record.get("kept_in_float"):
+            console.print(f"  {name}: {len(record['kept_in_float'])} layer(s) kept in float")
     for w in built["onnx"]["lint"] + _ignored_options(opts, meta):
         console.print(f"  [yellow]warning:[/yellow] {w}")
 
@@ -176,6 +196,7 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
                    "forms": {"pconv": opts.pconv, "mlp": opts.mlp, "resolved_by": forms_note or "given"}},
         "files": {},
         "onnx": built["onnx"],
+        "targets": built["records"],
         "parity": {k: v for k, v in parity.items() if k != "markdown"},
         "tools": tool_versions(),
         "timings_s": steps.timings,

@@ -6,7 +6,9 @@ shipped in the MNN package (they pip-install a telemetry SDK and phone home at i
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -51,6 +53,18 @@ class _Reader:
         return len(self.calib)
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """quantize_static logs advice ("consider pre-processing") on the root logger at every call."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def ort_int8(onnx_model, calib: np.ndarray, method: str = ORT_METHOD, exclude: Sequence[str] = (),
              cache: str | os.PathLike | None = None, op_types: Sequence[str] | None = None):
     """The float ONNX model → a QDQ int8 ModelProto: per-channel symmetric int8 weights, asymmetric uint8
@@ -68,11 +82,12 @@ def ort_int8(onnx_model, calib: np.ndarray, method: str = ORT_METHOD, exclude: S
         out, src = Path(tmp) / "model.int8.onnx", Path(tmp) / "model.onnx"
         onnx.save_model(onnx_model, str(src))  # quantize_static rewrites a ModelProto it is given in place
         reader = None if cache and Path(cache).is_file() else _Reader(input_name, calib)
-        quantize_static(src, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod[method], nodes_to_exclude=list(exclude),
-                        op_types_to_quantize=list(op_types) if op_types else None,
-                        calibration_cache_path=cache)
+        with _quiet_root_logger():
+            quantize_static(src, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod[method], nodes_to_exclude=list(exclude),
+                            op_types_to_quantize=list(op_types) if op_types else None,
+                            calibration_cache_path=cache)
         model = onnx.load_model(str(out))
     del model.metadata_props[:]
     model.metadata_props.extend(onnx_model.metadata_props)

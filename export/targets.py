@@ -30,8 +30,10 @@ class Target:
     description: str
     produce: Callable | None = None  # produce(ctx: build.BuildContext, target) writes `file`; None: runs another's
     default: bool = True       # part of every export unless --targets says otherwise
-    bisect: str = "onnx"       # how a breach is localised: "torch" (module hooks), "onnx" (graph probes)
+    bisect: str = "onnx"       # how a breach is localised: "torch" (module hooks), "onnx" (graph probes), "none"
     compute: str = field(default="fp32")  # arithmetic the file asks for: fp32 | fp16 | int8 (ARM harness)
+    inputs: str = "parity"     # what it is judged on: "parity" (export.inputs.sample_batch) or "held_out"
+                               # (export.calibration.evaluation_batch: images never calibrated on)
 
 
 def _mnn(precision: str):
@@ -68,6 +70,23 @@ TARGETS: tuple[Target, ...] = (
            "MNN, fp32 file with precision='low' (fp16 arithmetic on ARMv8.2+; fp32 on x86)", compute="fp16"),
     Target("mnn_fp16w_low", "model.fp16.mnn", "mnn", "low", "mnn_fp16w", _gates(max_rel=3e-2),
            "MNN, fp16-stored weights with precision='low' (fp16 arithmetic on ARMv8.2+)", compute="fp16"),
+)
+def _int8(kind: str):
+    def produce(ctx, target: Target) -> None:
+        from . import int8
+
+        getattr(int8, f"produce_{kind}_int8")(ctx, target)
+    return produce
+
+
+INT8_GATES = _gates(cosine=0.99, top1=0.95)
+TARGETS += (
+    Target("ort_int8", "model.int8.onnx", "onnxruntime", "fp32", "ort", INT8_GATES,
+           "ONNX, int8 QDQ (calibrated activations; ONNX Runtime fuses QLinearConv/MatMul)",
+           produce=_int8("ort"), default=False, compute="int8", inputs="held_out", bisect="none"),
+    Target("mnn_int8", "model.int8.mnn", "mnn", "fp32", "mnn_fp32", INT8_GATES,
+           "MNN, int8 convolutions (offline quantiser, calibrated feature scales)",
+           produce=_int8("mnn"), default=False, compute="int8", inputs="held_out", bisect="none"),
 )
 TARGET_BY_NAME: Mapping[str, Target] = MappingProxyType({t.name: t for t in TARGETS})
 ARTIFACTS = tuple(t for t in TARGETS if t.file)  # the targets that are files to ship and run

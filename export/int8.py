@@ -1,0 +1,117 @@
+"""The int8 targets' producers: calibrate, quantise, and keep the most harmful layers in float until the
+target's own gates (export.targets) pass against the float model on held-out images, or a limit is hit.
+
+The fallback judges with export.parity.judge, the same definition the parity gate uses afterwards (there
+against the PyTorch training form on the same held-out images).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from runtime.atomic import write_atomic
+
+from . import quantize
+from .parity import HELD_OUT_DESCRIPTION
+
+
+def _float_outputs(onnx_path: Path, x: np.ndarray) -> dict:
+    import runtime
+
+    predictor = runtime.load(onnx_path, backend="onnxruntime")
+    return _batched(predictor, x)
+
+
+def _batched(predictor, x: np.ndarray) -> dict:
+    rows = [predictor.run(np.ascontiguousarray(x[i:i + 1]), check_finite=False) for i in range(len(x))]
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def _judge(target, ctx, outputs: dict) -> tuple[dict, list[str]]:
+    from .parity import judge
+
+    classifier = ctx.meta.get("task", "classification") == "classification"
+    return judge(target.name, ctx.float_eval(), outputs, dict(target.gates), classifier)
+
+
+def _record(ctx, target, kept: list[str], metrics: dict, breaches: list[str], info: dict, **extra) -> None:
+    ctx.records[target.name] = {
+        "calibration": info, "kept_in_float": kept, "fallback_metrics_vs_float": metrics,
+        "fallback_breaches": breaches, "evaluated_on": HELD_OUT_DESCRIPTION, **extra}
+
+
+def produce_ort_int8(ctx, target) -> None:
+    """model.int8.onnx: QDQ (per-channel int8 weights, uint8 activations), ranges from the calibration set."""
+    import onnx
+    import onnxruntime as ort
+
+    from .onnx_export import set_metadata
+
+    calib, info = ctx.calibration()
+    float_model = onnx.load(str(ctx.onnx_path))
+    x = ctx.eval_inputs()
+    with tempfile.TemporaryDirectory(prefix="edgeport-int8-") as tmp:
+        cache = Path(tmp) / "ranges"
+
+        def quantised(exclude):
+            return quantize.ort_int8(float_model, calib, exclude=exclude, cache=cache)
+
+        def outputs(model):
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            names = [o.name for o in session.get_outputs()]
+            rows = [session.run(names, {session.get_inputs()[0].name: x[i:i + 1]}) for i in range(len(x))]
+            return {n: np.concatenate([r[k] for r in rows]) for k, n in enumerate(names)}
+
+        def metrics_without(exclude):
+            return _judge(target, ctx, outputs(quantised(exclude)))[0]
+
+        first = quantised([])
+        layers = quantize.quantisable_nodes(float_model)
+        ranked = quantize.ort_layer_errors(float_model, first, x, layers)
+        kept, metrics, breaches = quantize.fallback(
+            layers, metrics_without, lambda m: _judge_metrics(target, m), ranked=ranked)
+        model = quantised(kept)
+    set_metadata(model, {**ctx.meta, "precision": "int8"})
+    write_atomic(ctx.path(target.file), model.SerializeToString())
+    _record(ctx, target, kept, metrics, breaches, info, method=quantize.ORT_METHOD,
+            qdq_layers=len(quantize.onnx_qdq_layers(model)["qdq"]))
+
+
+def produce_mnn_int8(ctx, target) -> None:
+    """model.int8.mnn: MNN's offline quantiser (int8 convolutions, calibrated feature scales)."""
+    import runtime
+
+    from .onnx_export import metadata_json
+
+    calib, info = ctx.calibration()
+    x = ctx.eval_inputs()
+    out = ctx.path(target.file)
+    biz = metadata_json({**ctx.meta, "precision": "int8"})
+    config = {"feature_quantize_method": ctx.int8_mnn_method}
+
+    def metrics_without(skip):
+        quantize.mnn_int8(ctx.onnx_path, out, calib, biz, config, skip=skip, log_path=ctx.log)
+        return _judge(target, ctx, _batched(runtime.load(out), x))[0]
+
+    import onnx
+
+    float_model = onnx.load(str(ctx.onnx_path))
+    layers = quantize.quantisable_nodes(float_model)
+    ranked = quantize.ort_layer_errors(float_model, quantize.ort_int8(float_model, calib), x, layers)
+    outputs_of = {n.name: n.output[0] for n in float_model.graph.node}  # MNN names ops by output tensor
+    kept, metrics, breaches = quantize.fallback(
+        [outputs_of[n] for n in layers], metrics_without, lambda m: _judge_metrics(target, m),
+        ranked=[(outputs_of[n], s) for n, s in ranked])
+    metrics_without(kept)  # the file on disk is the chosen candidate
+    _record(ctx, target, kept, metrics, breaches, info, method=config,
+            int8_convolutions=len(quantize.mnn_int8_layers(out)["int8"]))
+
+
+def _judge_metrics(target, metrics: dict) -> list[str]:
+    from models.metrics import check_gates
+
+    return [b for name, m in metrics.items() for b in check_gates(m, dict(target.gates), target.name)]
