@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import EdgeportError
-from models.metrics import check_gates, compare
+from models.metrics import compare
 from runtime.atomic import write_atomic
 
 from . import mnn_convert
 
-GATES = {"top1": 0.95, "cosine": 0.99}  # against the float model, on images not used for calibration
 FALLBACK_LIMIT = 0.10  # at most this fraction of the quantisable layers is kept in float
 QUANTISED_OPS = ("Conv", "MatMul", "Gemm")  # the layers the fallback ranks and may keep in float
 # MNN: KL (histogram, scales per tensor) held the gates where EMA did not; see README "int8".
@@ -152,16 +151,6 @@ def mnn_int8(onnx_path, out, calib: np.ndarray, biz_code: str, config: dict | No
 
 
 # ---- gates and the fallback ------------------------------------------------------------------------------
-
-def gate(reference: dict, candidate: dict, label: str, classifier: bool, gates: dict | None = None
-         ) -> tuple[dict, list[str]]:
-    """({output: metrics}, breaches) of `candidate` against `reference` (the float model) per output."""
-    metrics, breaches = {}, []
-    for name, ref in reference.items():
-        metrics[name] = compare(ref, candidate[name], classifier=classifier and ref.ndim == 2)
-        breaches += check_gates(metrics[name], gates or GATES, f"{label}[{name}]" if len(reference) > 1 else label)
-    return metrics, breaches
-
 
 def score(metrics: dict) -> float:
     """One number to rank candidates by (higher is better): the worst cosine and top-1 agreement."""

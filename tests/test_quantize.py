@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from export import calibration, quantize
+from export import calibration, quantize, targets
+from export.parity import judge
 from models.errors import EdgeportError
 from models.metrics import check_gates
 
@@ -55,7 +56,7 @@ def run(model_or_path, x: np.ndarray, tmp_path) -> dict:
 
 
 def breaches(metrics: dict) -> list[str]:
-    return [b for name, m in metrics.items() for b in check_gates(m, quantize.GATES, name)]
+    return [b for name, m in metrics.items() for b in check_gates(m, dict(targets.INT8_GATES), name)]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,8 @@ def test_gate_catches_int8_calibrated_on_zeros(tmp_path, data):
     calib, held_out = data
     float_model = to_onnx(tiny_net(), tmp_path / "f.onnx")
     ref = run(float_model, held_out, tmp_path)
-    good = quantize.gate(ref, run(quantize.ort_int8(float_model, calib), held_out, tmp_path), "ort", True)
-    zeros = quantize.gate(ref, run(quantize.ort_int8(float_model, np.zeros_like(calib)), held_out, tmp_path),
+    good = gate(ref, run(quantize.ort_int8(float_model, calib), held_out, tmp_path), "ort", True)
+    zeros = gate(ref, run(quantize.ort_int8(float_model, np.zeros_like(calib)), held_out, tmp_path),
                           "ort", True)
     assert good[1] == []
     assert zeros[1], zeros[0]
@@ -83,7 +84,7 @@ def test_fallback_rescues_a_model_that_misses_the_gate(tmp_path, data):
     layers = quantize.quantisable_nodes(float_model)
 
     def evaluate_without(kept):
-        return quantize.gate(ref, run(quantize.ort_int8(float_model, calib, exclude=kept), held_out, tmp_path),
+        return gate(ref, run(quantize.ort_int8(float_model, calib, exclude=kept), held_out, tmp_path),
                              "ort", True)[0]
 
     assert breaches(evaluate_without([]))  # all-int8 misses the gate
@@ -115,7 +116,7 @@ def test_mnn_int8_holds_int8_convolutions(tmp_path, data):
     layers = quantize.mnn_int8_layers(out)
     assert len(layers["int8"]) == 4 and layers["float"] == []
     ref = run(str(tmp_path / "f.onnx"), held_out, tmp_path)
-    assert quantize.gate(ref, run(str(out), held_out, tmp_path), "mnn", True)[1] == []
+    assert gate(ref, run(str(out), held_out, tmp_path), "mnn", True)[1] == []
     skipped = quantize.mnn_int8(tmp_path / "f.onnx", tmp_path / "skip.mnn", calib[:8], json.dumps(META),
                                 skip=layers["int8"][:1])
     assert quantize.mnn_int8_layers(skipped)["float"] == layers["int8"][:1]
@@ -167,3 +168,8 @@ def test_bad_calib_directory_is_one_line_naming_the_fix(tmp_path, case):
     message = str(err.value)
     assert "\n" not in message and "--calib" in message
     assert any(fix in message for fix in ("give a folder", "remove or replace"))
+
+
+def gate(reference, candidate, label, classifier):
+    """The int8 targets' gate, judged by export.parity.judge (the one parity definition)."""
+    return judge(label, reference, candidate, dict(targets.INT8_GATES), classifier)
