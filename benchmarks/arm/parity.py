@@ -26,7 +26,7 @@ from export import targets
 from export.parity import judge, merge_gates, reference_outputs
 from models.errors import EdgeportError
 from runtime.atomic import write_json
-from runtime.cli import ArgumentParser
+from runtime.cli import OneLineParser
 from runtime.engines import stdout_silenced
 
 from .run import guest_infer, versions
@@ -148,8 +148,8 @@ def default_dirs(root="artifacts") -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m benchmarks.arm.parity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m benchmarks.arm.parity", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="*", help="artifact dirs (default: artifacts/*/*/ with a .mnn)")
     p.add_argument("--cpus", nargs="+", default=list(DEFAULT_CPUS), help="qemu -cpu models")
     p.add_argument("--targets", nargs="+", default=None, help="MNN targets to run (default: every one present)")
