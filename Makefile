@@ -56,6 +56,7 @@ bench-full: setup
 
 include benchmarks/arm/arm.mk
 include benchmarks/debian13/debian13.mk
+include tests/ultralytics/ultralytics.mk
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
