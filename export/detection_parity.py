@@ -23,7 +23,7 @@ _FP32 = {"box_px": 0.05, "score": 1e-4, "min_iou": 0.99, "unmatched": 0, "class_
 _LOSSY = {"box_px": 2.0, "score": 2e-2, "min_iou": 0.99, "unmatched": 0, "class_mismatch": 0}
 # Starting points, per export target (export/targets.py names); measure and tighten per model.
 DEFAULT_DETECTION_GATES = {
-    "torch": dict(_FP32),  # yolo11n_fasternet_t0 at 640², BN folds: 0.015 px, 4e-5 score (float32 rounding)
+    "torch_inference": dict(_FP32),  # yolo11n_fasternet_t0 at 640², BN folds: 0.015 px, 4e-5 score (float32 rounding)
     "ort": dict(_FP32),
     "mnn_fp32": dict(_FP32),
     "mnn_fp16w": dict(_LOSSY),
@@ -34,6 +34,15 @@ DEFAULT_DETECTION_GATES = {
     "mnn_int8": {**_LOSSY, "box_px": 8.0, "score": 0.1, "min_iou": 0.9},
 }
 _LOWER_BOUNDED = ("min_iou",)
+METRICS = ("box_px", "box_px_all", "score", "unmatched", "class_mismatch", "min_iou", "borderline")
+
+
+def detection_gates(target: str, gates: dict | None = None) -> dict:
+    """The detection gates of `target`: DEFAULT_DETECTION_GATES, with any detection metric in `gates` laid over
+    (the registry's classification metrics, max_rel/top1/cosine, do not apply to a detector)."""
+    if target not in DEFAULT_DETECTION_GATES:
+        raise KeyError(f"no detection gates for target '{target}'; add them to DEFAULT_DETECTION_GATES")
+    return {**DEFAULT_DETECTION_GATES[target], **{k: v for k, v in (gates or {}).items() if k in METRICS}}
 
 
 def _pair(ref_dets, out_dets):

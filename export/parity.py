@@ -175,9 +175,16 @@ def target_outputs(target: targets.Target, path: Path, x: np.ndarray, meta: dict
     return _runtime_outputs(path, target.engine, target.precision, x, list(meta["output_names"]))
 
 
-def judge(target: str, ref: dict, out: dict, gates: dict, classifier: bool) -> tuple[dict, list[str]]:
+def judge(target: str, ref: dict, out: dict, gates: dict, classifier: bool,
+          meta: dict | None = None) -> tuple[dict, list[str]]:
     """The parity definition: ({output: metrics}, breach lines) of `out` against `ref` under `gates`
-    ({metric: threshold}). Used on the host (run_parity) and under ARM emulation (benchmarks.arm.parity)."""
+    ({metric: threshold}). Used on the host (run_parity) and under ARM emulation (benchmarks.arm.parity).
+
+    A detector (meta task "detection") is judged by export.detection_parity instead: box error in pixels, score
+    error and the same detections after NMS, under `detection_gates(target, gates)`; its outputs' raw metrics
+    are reported beside ("detections" holds the judged ones)."""
+    if (meta or {}).get("task") == "detection":
+        return _judge_detection(target, ref, out, gates, meta)
     metrics, breaches = {}, []
     for name, r in ref.items():
         if name not in out:
@@ -186,6 +193,17 @@ def judge(target: str, ref: dict, out: dict, gates: dict, classifier: bool) -> t
         metrics[name] = compare(r, out[name], classifier=classifier)
         breaches += check_gates(metrics[name], gates, target if len(ref) == 1 else f"{target}[{name}]")
     return metrics, breaches
+
+
+def _judge_detection(target, ref, out, gates, meta):
+    from .detection_parity import check_detection_gates, compare_detections, detection_gates
+
+    missing = [n for n in ref if n not in out]
+    if missing:
+        return {}, [f"{target}: output '{n}' missing" for n in missing]
+    metrics = {n: compare(r, out[n], classifier=False) for n, r in ref.items()}
+    metrics["detections"] = compare_detections(ref, out, meta)
+    return metrics, check_detection_gates(metrics["detections"], detection_gates(target, gates), target)
 
 
 def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict | None = None,
@@ -205,6 +223,10 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
         raise EdgeportError(f"--n-images {n_images} must be at least 1")
     names = list(meta["output_names"])
     classifier = meta.get("task", "classification") == "classification"
+    if meta.get("task") == "detection":  # what judge applies, so the report shows it
+        from .detection_parity import detection_gates
+
+        gates = {t: detection_gates(t, g) for t, g in gates.items()}
     x = sample_batch(meta, n_images=n_images, n_random=N_RANDOM, seed=0)
     inputs = {"count": len(x), "shape": list(x.shape), "photos": n_images, "random": N_RANDOM, "seed": 0,
               "description": f"{n_images} scikit-image photos through the model's preprocessing + {N_RANDOM} "
@@ -248,7 +270,7 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
         if backend not in outputs:
             continue
         ref = outputs["reference@held_out" if target.inputs == "held_out" else "reference"]
-        results[backend], lines = judge(backend, ref, outputs[backend], gates[backend], classifier)
+        results[backend], lines = judge(backend, ref, outputs[backend], gates[backend], classifier, meta)
         breaches += lines
         if lines:
             breached.append(backend)
@@ -267,7 +289,8 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
         floor = max(noise.values())
         notes.append(f"the fp32 reference itself is max_rel {floor:.3g} from the same network in float64 "
                      "(its rounding noise)")
-        below = [b for b in breached if all(m["max_rel"] <= 2 * noise[n] for n, m in results[b].items())]
+        below = [b for b in breached if all(m["max_rel"] <= 2 * noise[n] for n, m in results[b].items()
+                                            if n in noise)]
         if below:
             notes.append(f"breaches within 2x of that noise ({', '.join(below)}) are the size of fp32 "
                          "rounding accumulated over the network's depth; the gate is kept as set")
@@ -367,7 +390,8 @@ def _fmt(v) -> str:
 
 
 def gate_text(limits: dict) -> str:
-    return ", ".join(f"{k} {'≥' if k in LOWER_BOUNDED else '≤'} {v:g}" for k, v in limits.items())
+    lower = (*LOWER_BOUNDED, "min_iou")  # min_iou: export.detection_parity
+    return ", ".join(f"{k} {'≥' if k in lower else '≤'} {v:g}" for k, v in limits.items())
 
 
 def to_markdown(result: dict) -> str:
@@ -377,9 +401,20 @@ def to_markdown(result: dict) -> str:
     rows = [[backend, result["sources"].get(backend, ""), name, _fmt(m["max_rel"]), _fmt(m["max_abs"]),
              _fmt(m["mean_abs"]), f"{m['cosine']:.6f}", _fmt(m.get("top1")), _fmt(m.get("top5")),
              str(m["nan_inf"]), gate_text(result["gates"][backend])]
-            for backend, per_output in result["results"].items() for name, m in per_output.items()]
+            for backend, per_output in result["results"].items() for name, m in per_output.items()
+            if "max_rel" in m]
     lines += markdown_table(["target", "source", "output", "max_rel", "max_abs", "mean_abs", "cosine", "top1",
                              "top5", "NaN/Inf", "gate"], rows)
+    detections = {b: r["detections"] for b, r in result["results"].items() if "detections" in r}
+    if detections:
+        lines += ["", "Detections (gated: box error in input pixels over anchors scoring ≥ 0.01, score error, "
+                  "after NMS: unmatched detections, class mismatches, min IoU of matched pairs):", ""]
+        lines += markdown_table(
+            ["target", "box_px", "score", "ref dets", "matched", "unmatched", "borderline", "class ≠", "min IoU",
+             "gate"],
+            [[b, _fmt(m["box_px"]), _fmt(m["score"]), str(m["detections_ref"]), str(m["matched"]),
+              str(m["unmatched"]), str(m["borderline"]), str(m["class_mismatch"]), f"{m['min_iou']:.4f}",
+              gate_text(result["gates"][b])] for b, m in detections.items()])
     for backend, why in result["skipped"].items():
         lines.append(f"\nSkipped {backend}: {why}.")
     for note in result["notes"]:

@@ -39,17 +39,36 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 def make_source(model: str, weights=None, img_size: int | None = None, batch: int = 1,
                 dynamic_batch: bool = False, features_only: bool = False, pconv: str = "split_cat",
                 mlp: str = "fc", seed: int = 0) -> dict:
-    """Validate the request and pin everything needed to rebuild it (weights by path and sha256)."""
+    """Validate the request and pin everything needed to rebuild it (weights by path and sha256).
+
+    model ULTRALYTICS ("ultralytics"): the network is the one an Ultralytics checkpoint (`weights`) describes."""
     cfg = models.get_cfg(model)  # unknown names fail here, before any work
     if weights is not None:
         weights = os.path.abspath(os.fspath(weights))
         if not os.path.isfile(weights) or not os.access(weights, os.R_OK):
             raise EdgeportError(f"weights file not found or not readable: {weights}")
-    img_size = cfg.input_size[-1] if img_size is None else img_size
+    default_size = cfg.input_size[-1]
+    if model == ULTRALYTICS:
+        default_size = _ultralytics_size(weights)
+    img_size = default_size if img_size is None else img_size
     check_size(img_size, batch, seed)
     return {"model": model, "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
             "seed": seed, "img_size": img_size, "batch": batch, "dynamic_batch": dynamic_batch,
             "features_only": features_only, "pconv": pconv, "mlp": mlp, "calibrated": weights is None}
+
+
+ULTRALYTICS = "ultralytics"  # models.yolo11: the detector an Ultralytics checkpoint's own YAML describes
+
+
+def _ultralytics_size(weights) -> int:
+    """The checkpoint's training size (its train_args imgsz; 640 if it has none)."""
+    from models.ultralytics_ckpt import is_ultralytics_checkpoint, read_ultralytics
+
+    if weights is None or not is_ultralytics_checkpoint(weights):
+        raise EdgeportError(f"model '{ULTRALYTICS}' is built from an Ultralytics checkpoint: give its .pt file, "
+                            "e.g. python -m export path/to/best.pt")
+    size = read_ultralytics(weights)[2]["imgsz"]
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else 640
 
 
 MAX_SEED = 2**32 - 1
@@ -93,6 +112,8 @@ def artifact_meta(model: nn.Module, source: dict) -> dict:
     has_pconv, has_mlp = model_forms(model)
     features = bool(source["features_only"])
     size = source["img_size"]
+    if cfg["extra"].get("task") == "detection":
+        return _detector_meta(model, source, has_pconv, has_mlp)
     return {
         "edgeport_version": edgeport_version(),
         "model": source["model"],
@@ -114,6 +135,43 @@ def artifact_meta(model: nn.Module, source: dict) -> dict:
     }
 
 
+def _detector_meta(model: nn.Module, source: dict, has_pconv: bool, has_mlp: bool) -> dict:
+    """A detector's contract (issue 14): input `images` [N, 3, H, W] RGB 0..1 letterboxed with grey `pad_value`;
+    outputs `boxes` [N, A, 4] x1y1x2y2 in input pixels and `scores` [N, A, nc] after sigmoid; NMS outside the
+    graph with the `nms` settings (runtime.detect)."""
+    from runtime.detect import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET
+
+    cfg, extra = model.default_cfg, model.default_cfg["extra"]
+    size = source["img_size"]
+    names = extra.get("names")
+    return {
+        "edgeport_version": edgeport_version(),
+        "model": source["model"],
+        "architecture": cfg.get("architecture"),
+        "family": cfg["family"],
+        "task": "detection",
+        "input_name": "images",
+        "input_shape": [-1 if source["dynamic_batch"] else source["batch"], 3, size, size],
+        "layout": "NCHW",
+        "mean": [float(v) for v in cfg["mean"]],
+        "std": [float(v) for v in cfg["std"]],
+        "crop_pct": 1.0,
+        "interpolation": cfg["interpolation"],
+        "resize": "letterbox",
+        "pad_value": int(extra.get("pad_value", 114)),
+        "num_classes": int(model.nc),
+        "names": list(names) if names else None,
+        "output_names": ["boxes", "scores"],
+        "box_format": "xyxy",
+        "strides": [int(s) for s in model.model[-1].stride],
+        "nms": {"conf": DEFAULT_CONF, "iou": DEFAULT_IOU, "max_det": DEFAULT_MAX_DET},
+        "pconv": source["pconv"] if has_pconv else None,
+        "mlp": source["mlp"] if has_mlp else None,
+        "weights_sha256": source["weights_sha256"],
+        "precision": "fp32",
+    }
+
+
 def build_models(source: dict, step: Callable[[str], AbstractContextManager] | None = None
                  ) -> tuple[nn.Module, nn.Module, dict]:
     """(reference, inference, meta): the training-form network in eval mode with real or calibrated weights,
@@ -125,12 +183,16 @@ def build_models(source: dict, step: Callable[[str], AbstractContextManager] | N
     if missing:
         raise EdgeportError(f"source record lacks {', '.join(missing)}; re-export the artifact")
     _check_source(source)
-    with step("create model"):
-        torch.manual_seed(source["seed"])
-        model = models.create_model(source["model"], features_only=source["features_only"])
-    if source["weights"]:
-        with step("load weights"):
-            _load_weights(model, source)
+    if source["model"] == ULTRALYTICS:
+        with step("load Ultralytics checkpoint"):
+            model = _load_ultralytics(source)
+    else:
+        with step("create model"):
+            torch.manual_seed(source["seed"])
+            model = models.create_model(source["model"], features_only=source["features_only"])
+        if source["weights"]:
+            with step("load weights"):
+                _load_weights(model, source)
     model.eval()
     meta = artifact_meta(model, source)
     if source["calibrated"]:
@@ -164,15 +226,31 @@ def _check_source(source: dict) -> None:
         raise EdgeportError("source record has neither weights nor calibrated random init; re-export")
 
 
-def _load_weights(model: nn.Module, source: dict) -> None:
+def _checked_weights(source: dict) -> str:
     path = source["weights"]
-    if not os.path.isfile(path):
+    if not path or not os.path.isfile(path):
         raise EdgeportError(f"weights file not found: {path}")
     digest = sha256_file(path)
     if source["weights_sha256"] and digest != source["weights_sha256"]:
         raise EdgeportError(f"weights file {path} changed since export (sha256 {digest[:12]}… ≠ "
                             f"{source['weights_sha256'][:12]}…); re-export")
-    models.load_checkpoint(model, path)
+    return path
+
+
+def _load_weights(model: nn.Module, source: dict) -> None:
+    models.load_checkpoint(model, _checked_weights(source))
+
+
+def _load_ultralytics(source: dict) -> nn.Module:
+    from models.ultralytics_ckpt import is_ultralytics_checkpoint, load_ultralytics
+
+    path = _checked_weights(source)
+    if not is_ultralytics_checkpoint(path):
+        raise EdgeportError(f"{path}: not an Ultralytics checkpoint (a zip holding Ultralytics' pickled model); "
+                            "for a plain state_dict name the model: python -m export yolo11n --weights FILE")
+    if source["features_only"]:
+        raise EdgeportError("an Ultralytics detector has no features-only form; drop --features-only")
+    return load_ultralytics(path)[0]
 
 
 def _calibrate(model: nn.Module, meta: dict, seed: int) -> nn.Module:
@@ -182,6 +260,11 @@ def _calibrate(model: nn.Module, meta: dict, seed: int) -> nn.Module:
 
     from .inputs import sample_batch
 
+    if meta["task"] == "detection":  # no classifier head to scale: the Detect head's last convs instead
+        from models.yolo11 import make_realistic_detector
+
+        photos = torch.from_numpy(sample_batch(meta, n_random=0, seed=seed))  # detections per photo, not noise
+        return make_realistic_detector(model, [photos], seed=seed)
     batch = torch.from_numpy(sample_batch(meta, seed=seed))
     return make_realistic(model, [batch], seed=seed)
 

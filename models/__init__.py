@@ -1,4 +1,5 @@
-"""edgeport model zoo: FasterNet, ConvNeXt, InceptionNeXt, EfficientNetV2 (PyTorch, timm-style registry)."""
+"""edgeport model zoo: FasterNet, ConvNeXt, InceptionNeXt, EfficientNetV2 and YOLO11 detectors (PyTorch, timm-style
+registry)."""
 from ._registry import ModelCfg, create_model, get_cfg, list_models, register_model
 from .calibrate import calibrate_bn, make_realistic, scale_head
 from .checkpoint import load_checkpoint, read_state_dict, save_checkpoint
@@ -14,7 +15,7 @@ from .inference import (
 )
 
 # Importing a family module registers its models.
-from . import fasternet, convnext, inceptionnext, efficientnetv2  # noqa: E402,F401  isort: skip
+from . import fasternet, convnext, inceptionnext, efficientnetv2, yolo11  # noqa: E402,F401  isort: skip
 
 __all__ = ["EdgeportError", "ModelCfg", "assert_equivalent", "calibrate_bn", "create_model", "fold_batchnorm",
            "fold_layer_scale", "get_cfg", "list_models", "load_checkpoint", "make_realistic", "read_state_dict",

@@ -73,6 +73,10 @@ def _read_file(path: str):
             return load_file(path)
         except Exception as e:
             raise EdgeportError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    from .ultralytics_ckpt import is_ultralytics_checkpoint, read_ultralytics
+
+    if is_ultralytics_checkpoint(path):  # pickled modules: only the restricted unpickler may read it
+        return read_ultralytics(path)[0]
     try:
         # A file object: torch.load would pick a reader by the name's extension. Its warning about the pickle
         # protocol of hand-made files says nothing the user can act on.

@@ -505,12 +505,16 @@ class YOLO11(nn.Module):
 # Realistic random weights (a detector has no classifier for models.calibrate.scale_head to scale).
 
 @torch.no_grad()
-def make_realistic_detector(model: YOLO11, batches, seed: int = 0, box_std: float = 3.0,
-                            cls_mean: float = -10.0, cls_std: float = 2.0) -> YOLO11:
+def make_realistic_detector(model: YOLO11, batches, seed: int = 0, box_std: float = 3.0, cls_std: float = 0.5,
+                            candidates: int = 100, conf: float = 0.25) -> YOLO11:
     """`models.calibrate`'s random affines and BN calibration, then the head's last convs rescaled so DFL logits
-    have std `box_std` (peaked bin distributions, varied boxes) and class logits mean `cls_mean`, std `cls_std`
-    (most scores ≈ 5e-5; tens of detections per photo at 640²): a random-init head gives near-equal
-    bins and scores ≈ 0.5 everywhere, which hides decode and NMS errors. Returns a new eval model."""
+    have std `box_std` (peaked bin distributions, varied boxes) and class logits std `cls_std`, shifted so that
+    on the busiest calibration image `candidates` anchors score above `conf`. Random weights make the count very
+    uneven across photos (yolo11n_fasternet_t0 at 320², 16 photos, median-based: 0 to 400 candidates), so the
+    busiest one is what is bounded: below max_det after NMS (else near-tied scores decide the cut-off), with
+    most photos keeping a few to tens. cls_std 0.5 keeps top scores below float32's sigmoid saturation (1.0
+    ties). A random-init head gives near-equal bins and scores ≈ 0.5 everywhere, which hides decode and NMS
+    errors. Returns a new eval model."""
     from .calibrate import _batches, calibrate_bn, randomize_affine
 
     xs = _batches(batches)
@@ -518,7 +522,7 @@ def make_realistic_detector(model: YOLO11, batches, seed: int = 0, box_std: floa
     head = model.model[-1]
     finals = [seq[-1] for seq in head.cv2] + [seq[-1] for seq in head.cv3]
     outs = {id(m): [] for m in finals}
-    hooks = [m.register_forward_hook(lambda mod, a, out: outs[id(mod)].append(out.transpose(0, 1).flatten(1)))
+    hooks = [m.register_forward_hook(lambda mod, a, out: outs[id(mod)].append(out.double()))
              for m in finals]
     try:
         for x in xs:
@@ -526,29 +530,38 @@ def make_realistic_detector(model: YOLO11, batches, seed: int = 0, box_std: floa
     finally:
         for h in hooks:
             h.remove()
+    best = []  # per level: [images, anchors] best class logit after rescaling
     for m in finals:
-        y = torch.cat(outs[id(m)], 1).double()
+        y = torch.cat(outs[id(m)])  # [images, C, H, W]
         is_box = m.out_channels == 4 * head.reg_max
         mean, std = y.mean().item(), y.std().item()
         if not std > 0:
             raise EdgeportError("make_realistic_detector: the head's outputs do not vary over the batches")
         k = (box_std if is_box else cls_std) / std
-        target_mean = 0.0 if is_box else cls_mean
         m.weight.mul_(k)
-        m.bias.copy_((m.bias - mean) * k + target_mean)
+        m.bias.copy_((m.bias - mean) * k)
+        if not is_box:
+            best.append(((y - mean) * k).amax(1).flatten(1))
+    best = torch.cat(best, 1)
+    kth = best.topk(min(candidates, best.shape[1]), dim=1).values[:, -1]  # per image
+    shift = math.log(conf / (1 - conf)) - kth.max().item() + 1e-3
+    for seq in head.cv3:
+        seq[-1].bias.add_(shift)
     return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Registered detectors.
 
-def _cfg(backbone: str = "") -> ModelCfg:
+def _cfg(backbone: str = "", from_checkpoint: bool = False) -> ModelCfg:
     # Inputs are RGB in 0..1, letterboxed (scale to fit, centred, grey 114/255 padding): Ultralytics' convention.
+    # from_checkpoint: no architecture of its own (list_models users that build every model skip it).
     return ModelCfg(input_size=(3, 640, 640), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_pct=1.0,
                     interpolation="bilinear", num_classes=80, family="yolo11",
                     extra={"task": "detection", "resize": "letterbox", "pad_value": 114, "strides": [8, 16, 32],
                            "output_names": ["boxes", "scores"], "box_format": "xyxy",
-                           **({"backbone": backbone} if backbone else {})})
+                           **({"backbone": backbone} if backbone else {}),
+                           **({"from_checkpoint": True} if from_checkpoint else {})})
 
 
 def _detector(name, features_only, cfg, scale, kwargs) -> YOLO11:
@@ -579,3 +592,10 @@ def yolo11n_fasternet_t0(features_only=False, **kwargs):
 def yolo11n_inception_next_atto(features_only=False, **kwargs):
     return _detector("yolo11n_inception_next_atto", features_only, zoo_backbone_yaml("inception_next_atto"), "n",
                      kwargs)
+
+
+@register_model(_cfg(from_checkpoint=True))
+def ultralytics(features_only=False, **kwargs):
+    """The detector an Ultralytics checkpoint describes (its own YAML): built by export.source from the file."""
+    raise EdgeportError("model 'ultralytics' is built from an Ultralytics checkpoint: python -m export path/to/best.pt "
+                        "(or models.ultralytics_ckpt.load_ultralytics)")

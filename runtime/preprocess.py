@@ -18,7 +18,8 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
-TASKS = ("classification", "features")
+TASKS = ("classification", "features", "detection")
+RESIZES = ("crop", "letterbox")  # timm's resize + centre crop; Ultralytics' scale-to-fit + grey padding
 # Peak memory of one forward, as a multiple of its float32 input: the widest activations of our families at
 # stride 2-4 (e.g. 96 channels at 1/4 side = 2x the input) plus the preprocessing buffers, with a margin.
 ACTIVATION_FACTOR = 32
@@ -74,6 +75,11 @@ def check_metadata(meta: dict, name: str = "model") -> None:
         bad("interpolation", "one of " + ", ".join(INTERPOLATIONS))
     if "task" in meta and meta["task"] not in TASKS:
         bad("task", "one of " + ", ".join(TASKS))
+    if "resize" in meta and meta["resize"] not in RESIZES:
+        bad("resize", "one of " + ", ".join(RESIZES))
+    pad = meta.get("pad_value")
+    if "pad_value" in meta and not (_is_int(pad) and 0 <= pad <= 255):
+        bad("pad_value", "an integer grey level in 0..255")
     k = meta.get("num_classes")
     if "num_classes" in meta and not (_is_int(k) and k >= (1 if meta.get("task") == "classification" else 0)):
         bad("num_classes", "a positive integer (0 for a features model)")
@@ -102,8 +108,12 @@ def normalize(img: Image.Image, mean, std) -> np.ndarray:
 
 def preprocess(img: Image.Image, meta: dict) -> np.ndarray:
     """A PIL image (any mode; see images.to_rgb) → (1, 3, H, W) float32 per the metadata's input_shape,
-    mean, std, crop_pct and interpolation."""
+    mean, std, crop_pct and interpolation (or, with resize "letterbox", a detector's letterbox)."""
     check_metadata(meta)
     h, w = meta["input_shape"][-2:]
+    if meta.get("resize") == "letterbox":
+        from .detect import PAD_VALUE, letterbox
+
+        return letterbox(to_rgb(img), (h, w), meta.get("pad_value", PAD_VALUE), meta["mean"], meta["std"])[0]
     img = resize_crop(to_rgb(img), (h, w), meta["crop_pct"], meta["interpolation"])
     return normalize(img, meta["mean"], meta["std"])[None]

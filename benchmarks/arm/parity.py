@@ -111,8 +111,9 @@ def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names
             run = by_run[key]
             guest_versions = run.versions
             compute = "fp16" if target.precision == "low" and run.device.get("fp16") else "fp32"
-            metrics, breaches = judge(target.name, ref, run.outputs, gates[target.name], classifier)
-            worst = max(metrics.values(), key=lambda m: m["max_rel"]) if metrics else {}
+            metrics, breaches = judge(target.name, ref, run.outputs, gates[target.name], classifier, meta)
+            raw = [m for m in metrics.values() if "max_rel" in m]  # a detector's "detections" entry has none
+            worst = max(raw, key=lambda m: m["max_rel"]) if raw else {}
             row = {"target": target.name, "file": target.file, "cpu": cpu, "precision": target.precision,
                    "compute": compute, "device": run.device, "reference": ref_name, "metrics": metrics,
                    "max_rel": worst.get("max_rel"), "top1": worst.get("top1"), "gates": gates[target.name],
