@@ -117,7 +117,7 @@ def run(args, log) -> tuple[dict, Path]:
 
     from .forms import bench_model
     from .ops import SHAPES, operator_table
-    from .roofline import sgemm_gflops
+    from .roofline import fma_peak, sgemm_by_engine, sgemm_gflops
     from .seed_checks import seed000_table
     from .timing import host_info, load_average
 
@@ -133,7 +133,7 @@ def run(args, log) -> tuple[dict, Path]:
                      "budget_s": args.budget or None, "calibrated": True,
                      "quick": args.quick, "batch": 1, "precision": "fp32",
                      "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_"))}},
-        "roofline": {}, "models": {}, "operators": {}, "seed_checks": {},
+        "roofline": {}, "models": {}, "mnn": {}, "operators": {}, "seed_checks": {},
     }
     seconds, mark = {}, [start]
 
@@ -152,6 +152,16 @@ def run(args, log) -> tuple[dict, Path]:
         results["models"][name] = bench_model(name, engines, threads, args.iters, args.warmup, args.img,
                                               cache, only, args.budget or None, log=log)
         stage("models")
+        if "mnn" in engines:
+            from export.pipeline import resolve_forms
+
+            from .gelu import bench_mnn
+
+            pconv, mlp, _ = resolve_forms(name, "auto", "auto")
+            log(f"{name}: MNN per-op profile and GELU forms ({pconv}-{mlp})")
+            results["mnn"][name] = bench_mnn(name, pconv, mlp, args.iters, args.warmup, args.img,
+                                             args.budget or None)
+            stage("mnn")
     if not args.no_ops:
         for t in threads:
             log(f"operator table, {t} thread(s)")
@@ -167,8 +177,9 @@ def run(args, log) -> tuple[dict, Path]:
     # never below the roof at fewer threads (a shared machine can make 2 threads slower than 1).
     best = {t: max(roof_start[t], roof_end[t]) for t in roof_start}
     roof = {t: max(g for u, g in best.items() if int(u) <= int(t)) for t in best}
-    results["roofline"] = {"gflops": roof,
-                           "start": roof_start, "end": roof_end, "n": roof_kw.get("n", 1024)}
+    results["roofline"] = {"gflops": roof, "start": roof_start, "end": roof_end, "n": roof_kw.get("n", 1024),
+                           "by_engine": {str(t): sgemm_by_engine(t, **roof_kw) for t in threads},
+                           "fma_peak": {str(t): fma_peak(t) for t in threads}}
     results["loadavg"]["end"] = load_average()
     results["wall_s"] = time.perf_counter() - start
     results["seconds"] = {k: round(v, 1) for k, v in seconds.items()}

@@ -213,8 +213,15 @@ def roofline_table(results: dict) -> str:
     rf = results["roofline"]
     peaks = ", ".join(f"{_threads_label(t)} {g:.1f} GFLOP/s" for t, g in roof.items())
     measured = ", ".join(f"{_threads_label(t)} {rf['start'][t]:.1f} / {rf['end'][t]:.1f}" for t in roof)
-    return (f"SGEMM roof (PyTorch, {rf['n']}² fp32 matmul, best of ~1 s): {peaks} (measured at start / end: "
-            f"{measured}; the best of both, and never below the roof at fewer threads). FLOPs are counted "
+    engines = "; ".join(f"{_threads_label(t)}: " + ", ".join(f"{e} {g:.1f}" for e, g in by.items())
+                        for t, by in rf.get("by_engine", {}).items())
+    isa = "; ".join(f"{_threads_label(t)}: " + (f"{p['gflops']:.1f} GFLOP/s" if p["gflops"] else "unknown clock")
+                    + f" ({p['isa']}, {p['fp32_lanes']} lanes; {p['assumed']})"
+                    for t, p in rf.get("fma_peak", {}).items())
+    return (f"SGEMM roof (best of PyTorch, ONNX Runtime and MNN, {rf['n']}² fp32 matmul): {peaks} (measured at "
+            f"start / end: {measured}; the best of both, and never below the roof at fewer threads). Per engine "
+            f"at the end: {engines or 'not recorded'}. The ISA's theoretical FMA peak: {isa or 'not recorded'}. "
+            "FLOPs are counted "
             "as direct convolution: an engine using Winograd for 3x3 convs (MNN's CPU backend can) does "
             "fewer multiplications and can exceed 100 %.\n\n"
             + _table(header, rows))
@@ -316,6 +323,8 @@ def _stages(results: dict) -> str:
 
 
 def render(results: dict, rec: dict, plots: dict[str, str]) -> str:
+    from .gelu import to_markdown as mnn_markdown
+
     parts = [
         "# Benchmarks: inference forms, operators, roofline",
         settings_section(results),
@@ -334,6 +343,11 @@ def render(results: dict, rec: dict, plots: dict[str, str]) -> str:
         f"Export default (`by_model`): {rec['rule']}. Other cells: the fastest form and its ratio to the "
         "baseline.\n",
         recommendation_table(rec, results),
+        "## MNN: per-op profile and GELU",
+        "The exported files as shipped (`benchmarks/gelu.py`; per-op times from MNN's callbacks and ONNX Runtime's "
+        "profiler, `python -m benchmarks.profile FILE` for any file). For GELU models, the shipped MNN files "
+        "against the same graph converted with MNN's tanh GELU and with its scalar exact `GELU_STANDARD`.\n",
+        "\n".join(mnn_markdown(results.get("mnn", {}))),
         "## Roofline: achieved GFLOP/s (2 × counted MACs / median latency) and fraction of SGEMM peak",
         roofline_table(results),
         "## Operator table (FasterNet paper, Table 1 style; PyTorch eager)",

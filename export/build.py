@@ -6,6 +6,8 @@ harness and the tests all build artifacts through this one function.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,6 +23,16 @@ from . import graph, onnx_export, targets
 from ._console import redirect_fds
 
 LOG = "export.log"
+
+
+def gelu_record(method: str, histogram: dict) -> dict:
+    """What a file's GELU is, for the manifest: never approximate silently."""
+    from .gelu import GELU_METHODS
+
+    exact = GELU_METHODS.get(method)
+    error = {"erf": 0.0, "tanh": 4.7e-4}.get(method, exact.max_abs_error if exact else None)
+    return {"method": method, "erf_patterns_in_onnx": histogram.get("Erf", 0) + histogram.get("Gelu", 0),
+            "max_abs_error_vs_erf_gelu": error}
 
 
 @dataclass
@@ -42,9 +54,22 @@ class BuildContext:
     def path(self, name: str) -> Path:
         return self.out_dir / name
 
-    def mnn_source(self) -> Path:
-        """The ONNX graph MNN's converter reads."""
-        return self.onnx_path
+    def mnn_source(self, gelu: str = "erf") -> Path:
+        """The ONNX graph MNN's converter reads for a target whose GELU is `gelu`: model.onnx, or (an exact
+        lowering of export.gelu) a copy with every erf-GELU rewritten, written once per build beside the log."""
+        if gelu in ("erf", "tanh"):  # tanh: the converter's own approximation of the erf pattern
+            return self.onnx_path
+        path = self.scratch / f"model.gelu-{gelu}.onnx"
+        if not path.is_file():
+            from .gelu import lower_gelu
+
+            onnx.save_model(lower_gelu(onnx.load_model(str(self.onnx_path)), gelu), str(path))
+        return path
+
+    @cached_property
+    def scratch(self) -> Path:
+        """A private directory for intermediate files that are not shipped (removed by build_artifact)."""
+        return Path(tempfile.mkdtemp(prefix="edgeport-build-"))
 
     @cached_property
     def _calibration(self):
@@ -115,10 +140,17 @@ def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.D
         onnx_export.set_metadata(final, meta)
         onnx.save_model(final, str(ctx.onnx_path))
 
+    try:
+        for target in chosen:
+            if target.produce is not None and target.file != ctx.onnx_path.name:
+                with step(f"{target.name} → {target.file}"):
+                    target.produce(ctx, target)
+    finally:
+        if "scratch" in ctx.__dict__:
+            shutil.rmtree(ctx.scratch, ignore_errors=True)
     for target in chosen:
-        if target.produce is not None and target.file != ctx.onnx_path.name:
-            with step(f"{target.name} → {target.file}"):
-                target.produce(ctx, target)
+        if target.engine == "mnn" and target.produce is not None:
+            ctx.records.setdefault(target.name, {})["gelu"] = gelu_record(target.gelu, hist)
     return {"targets": [t.name for t in chosen], "records": ctx.records,
             "onnx": {"op_histogram_exported": hist_raw, "op_histogram": hist, "lint": warnings,
                      "nodes_exported": sum(hist_raw.values()), "nodes": sum(hist.values())}}

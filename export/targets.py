@@ -15,8 +15,12 @@ from types import MappingProxyType
 from models.errors import EdgeportError
 
 from . import mnn_convert
+from .gelu import DEFAULT_METHOD as EXACT_GELU
 
 INFERENCE = "torch_inference"  # the PyTorch inference form: a stage every target is judged after, not a file
+# EXACT_GELU: MNN runs erf-GELU (GELU_STANDARD) as a scalar loop, up to 55 ns/element on real activations; the
+# lowering is 3.4e-6 off erf-GELU and ~1.5x faster on fasternet_t0 (export/gelu.py). MNN's tanh GELU is faster
+# still but 4.7e-4 off: only targets whose gate is far above that (fp16 and int8 weights) use it.
 
 
 @dataclass(frozen=True)
@@ -32,18 +36,21 @@ class Target:
     default: bool = True       # part of every export unless --targets says otherwise
     bisect: str = "onnx"       # how a breach is localised: "torch" (module hooks), "onnx" (graph probes), "none"
     compute: str = field(default="fp32")  # arithmetic the file asks for: fp32 | fp16 | int8 (ARM harness)
+    gelu: str = "erf"          # GELU in the file: "erf" (as exported), an exact lowering of export.gelu
+                               # ("sigmoid_p4"), or "tanh" (MNN's approximation: only where the gate allows it)
     inputs: str = "parity"     # what it is judged on: "parity" (export.inputs.sample_batch) or "held_out"
                                # (export.calibration.evaluation_batch: images never calibrated on)
 
 
 def _mnn(precision: str):
-    """MNN's converter with its `precision` flags (export.mnn_convert.PRECISIONS), from the float ONNX."""
+    """MNN's converter with its `precision` flags (export.mnn_convert.PRECISIONS), from the float ONNX with the
+    target's GELU (export.gelu lowers erf-GELU exactly; "tanh" is MNN's fused approximation)."""
     def produce(ctx, target: Target) -> None:
         from .onnx_export import metadata_json
 
-        mnn_convert.convert(ctx.mnn_source(), ctx.path(target.file),
-                            metadata_json({**ctx.meta, "precision": precision}), precision,
-                            log_path=ctx.log, verbose=ctx.verbose)
+        mnn_convert.convert(ctx.mnn_source(target.gelu), ctx.path(target.file),
+                            metadata_json({**ctx.meta, "precision": precision, "gelu": target.gelu}), precision,
+                            log_path=ctx.log, verbose=ctx.verbose, gelu_approximation=target.gelu == "tanh")
     return produce
 
 
@@ -61,15 +68,17 @@ TARGETS: tuple[Target, ...] = (
     Target("ort", "model.onnx", "onnxruntime", "fp32", INFERENCE, _gates(max_rel=1e-5),
            "ONNX, fp32 (ONNX Runtime)", produce=_onnx),
     Target("mnn_fp32", "model.mnn", "mnn", "fp32", "ort", _gates(max_rel=1e-4),
-           "MNN, fp32", produce=_mnn("fp32")),
+           "MNN, fp32, exact GELU (lowered to vectorised ops)", produce=_mnn("fp32"), gelu=EXACT_GELU),
     Target("mnn_fp16w", "model.fp16.mnn", "mnn", "fp32", "ort", _gates(max_rel=1e-2),
-           "MNN, fp16-stored weights, fp32 arithmetic", produce=_mnn("fp16")),
+           "MNN, fp16-stored weights, fp32 arithmetic, MNN's tanh GELU", produce=_mnn("fp16"), gelu="tanh"),
     Target("mnn_int8w", "model.int8w.mnn", "mnn", "fp32", "ort", _gates(max_rel=5e-2, top1=0.9),
-           "MNN, int8-stored weights, fp32 arithmetic", produce=_mnn("int8w")),
+           "MNN, int8-stored weights, fp32 arithmetic, MNN's tanh GELU", produce=_mnn("int8w"), gelu="tanh"),
     Target("mnn_low", "model.mnn", "mnn", "low", "mnn_fp32", _gates(max_rel=3e-2),
-           "MNN, fp32 file with precision='low' (fp16 arithmetic on ARMv8.2+; fp32 on x86)", compute="fp16"),
+           "MNN, fp32 file with precision='low' (fp16 arithmetic on ARMv8.2+; fp32 on x86)", compute="fp16",
+           gelu=EXACT_GELU),
     Target("mnn_fp16w_low", "model.fp16.mnn", "mnn", "low", "mnn_fp16w", _gates(max_rel=3e-2),
-           "MNN, fp16-stored weights with precision='low' (fp16 arithmetic on ARMv8.2+)", compute="fp16"),
+           "MNN, fp16-stored weights with precision='low' (fp16 arithmetic on ARMv8.2+)", compute="fp16",
+           gelu="tanh"),
 )
 def _int8(kind: str):
     def produce(ctx, target: Target) -> None:
@@ -86,7 +95,7 @@ TARGETS += (
            produce=_int8("ort"), default=False, compute="int8", inputs="held_out", bisect="none"),
     Target("mnn_int8", "model.int8.mnn", "mnn", "fp32", "mnn_fp32", INT8_GATES,
            "MNN, int8 convolutions (offline quantiser, calibrated feature scales)",
-           produce=_int8("mnn"), default=False, compute="int8", inputs="held_out", bisect="none"),
+           produce=_int8("mnn"), default=False, compute="int8", inputs="held_out", bisect="none", gelu="tanh"),
 )
 TARGET_BY_NAME: Mapping[str, Target] = MappingProxyType({t.name: t for t in TARGETS})
 ARTIFACTS = tuple(t for t in TARGETS if t.file)  # the targets that are files to ship and run

@@ -16,7 +16,7 @@ from models.metrics import check_gates, compare, max_rel
 
 IMG = 128
 GELU_OPS = {"Div", "Erf", "Add", "Mul", "Gelu"}
-ALL_BACKENDS = {t.name for t in targets.TARGETS}
+ALL_BACKENDS = {targets.INFERENCE, *targets.DEFAULT_TARGETS}
 FLOAT_MNN = ("ort", "mnn_fp32", "mnn_fp16w", "mnn_int8w")
 
 
@@ -200,6 +200,30 @@ def test_approximate_gelu_is_caught_and_bisected_to_the_gelu(tmp_path_factory, t
     # Each GELU alone may stay just under the gate and the next layer cross it; the onset (first error above
     # a tenth of the gate) is then the GELU itself.
     assert _in_gelu(hit.get("onset", hit)), hit
+
+
+def test_mnn_targets_hold_the_gelu_they_promise(tmp_path_factory):
+    """model.mnn (exact target) holds the vectorised lowering, neither MNN's scalar GELU_STANDARD nor its tanh
+    GELU; the fp16-weight file, gated at 1e-2, holds the tanh GELU and says so."""
+    from collections import Counter
+
+    from export.bisect import mnn_tensor_ops
+
+    out, *_ = built("fasternet_t0", tmp_path_factory)
+    exact = Counter(mnn_tensor_ops(out / "model.mnn").values())
+    assert exact["GELU_STANDARD"] == exact["GELU"] == 0 and exact["SIGMOID"] >= 1, exact
+    assert Counter(mnn_tensor_ops(out / "model.fp16.mnn").values())["GELU"] >= 1
+    assert targets.get("mnn_fp32").gelu == "sigmoid_p4" and targets.get("mnn_fp16w").gelu == "tanh"
+
+
+def test_tanh_gelu_in_an_exact_target_fails_even_within_its_numbers(tmp_path_factory, tmp_path):
+    """convnext_atto's tanh-GELU model.mnn is ~4e-5 from PyTorch, inside the 1e-4 fp32 gate: the file's own ops
+    must still fail it."""
+    out, reference, inference, meta = built("convnext_atto", tmp_path_factory)
+    bad = only(["model.onnx"], out, tmp_path / "approx")
+    convert_approximate_gelu(bad, meta)
+    r = parity.run_parity(bad, reference, inference, meta, bisect=False, write=False)
+    assert any(b.startswith("mnn_fp32: model.mnn holds") and "tanh" in b for b in r["breaches"]), r["breaches"]
 
 
 def _perturb_one_folded_conv(reference, inference):
