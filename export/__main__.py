@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m export", description=__doc__,
                                 epilog=EPILOG.format(targets=_target_lines()),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", default="fasternet_t0", help="registered model (default fasternet_t0)")
+    p.add_argument("model", nargs="?", default="fasternet_t0",
+                   help="registered model (default fasternet_t0), or an Ultralytics checkpoint (best.pt): the "
+                        "detector its own YAML describes, exported as model 'ultralytics'")
     p.add_argument("--weights", help="checkpoint (.pth/.pt/.safetensors; official, timm or our layout); "
                    "default: seeded random init calibrated to realistic activations")
     p.add_argument("--img-size", type=int, help="square input size (default: the model's, e.g. 224)")
@@ -114,6 +116,15 @@ def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     from .pipeline import ExportOptions, run_export
 
+    if _is_checkpoint_path(args.model):
+        if args.weights:
+            print(f"export: error: {args.model} is a checkpoint and --weights {args.weights} another; give one "
+                  "(python -m export best.pt, or python -m export MODEL --weights FILE)", file=sys.stderr)
+            return 2
+        from .source import ULTRALYTICS
+
+        args.model, args.weights = ULTRALYTICS, args.model
+
     opts = ExportOptions(model=args.model, weights=args.weights, img_size=args.img_size,
                          batch=args.batch, dynamic_batch=args.dynamic_batch, pconv=args.pconv, mlp=args.mlp,
                          targets=args.targets, calib=args.calib, int8_mnn=args.int8_mnn, opset=args.opset,
@@ -126,6 +137,13 @@ def _main(argv) -> int:
         print(f"export: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     return 1 if manifest["status"] == "failed" else 0
+
+
+def _is_checkpoint_path(model: str) -> bool:
+    """A file path rather than a registered name (names have no dots or slashes)."""
+    import os
+
+    return os.sep in model or model.endswith((".pt", ".pth")) or os.path.isfile(model)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ PAIR_IOU = 0.5  # below this two boxes are different objects, not one detection 
 BOX_SCORE_FLOOR = 0.01  # box errors are judged on anchors some class scores at least this high
 
 _FP32 = {"box_px": 0.05, "score": 1e-4, "min_iou": 0.99, "unmatched": 0, "class_mismatch": 0}
-_LOSSY = {"box_px": 2.0, "score": 2e-2, "min_iou": 0.99, "unmatched": 0, "class_mismatch": 0}
+# fp16-stored weights, measured on yolo11n_fasternet_t0 at 640² (calibrated random weights, 20 inputs, 515
+# detections): box_px 16.4 (one P5 anchor: the DFL expectation over 16 bins × stride 32 turns a 2^-11 weight
+# rounding, grown over ~100 layers, into pixels), score 0.011, after NMS 0 unmatched, 10 borderline, min IoU
+# 0.956. Gates = measurement + ~20 % margin; the classifier's max_rel 1e-2 would fail it too (boxes 2 %).
+_LOSSY = {"box_px": 20.0, "score": 2e-2, "min_iou": 0.95, "unmatched": 0, "class_mismatch": 0}
 # Starting points, per export target (export/targets.py names); measure and tighten per model.
 DEFAULT_DETECTION_GATES = {
     "torch_inference": dict(_FP32),  # yolo11n_fasternet_t0 at 640², BN folds: 0.015 px, 4e-5 score (float32 rounding)
@@ -29,6 +33,8 @@ DEFAULT_DETECTION_GATES = {
     "mnn_fp16w": dict(_LOSSY),
     "mnn_low": dict(_LOSSY),
     "mnn_fp16w_low": dict(_LOSSY),
+    # int8 weights: unmeasured-as-passing; yolo11n_fasternet_t0 at 640² gives 140 unmatched of 515, box_px 355,
+    # score 0.27, min IoU 0.50 on calibrated random weights: it FAILS, as it should (not loosened to pass).
     "mnn_int8w": {**_LOSSY, "box_px": 8.0, "score": 0.1, "min_iou": 0.9},
     "ort_int8": {**_LOSSY, "box_px": 8.0, "score": 0.1, "min_iou": 0.9},
     "mnn_int8": {**_LOSSY, "box_px": 8.0, "score": 0.1, "min_iou": 0.9},
