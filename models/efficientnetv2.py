@@ -105,7 +105,7 @@ class EfficientNetV2(nn.Module):
                  features_only=False):
         super().__init__()
         if mlp not in SqueezeExcite.FORMS:
-            raise EdgeportError(f"unknown EfficientNetV2 mlp (SE) form '{mlp}'; valid forms: "
+            raise EdgeportError(f"unknown SE form mlp='{mlp}'; valid forms: "
                                 f"{', '.join(SqueezeExcite.FORMS)}")
         self.stem = ConvNormAct(3, STEM_WIDTH, 3, 2, act=nn.SiLU)
         n_blocks = sum(depth for *_, depth, _ in stages)

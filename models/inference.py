@@ -8,7 +8,7 @@ Every transform is pure (model → new model, input untouched) and recognises th
                       Conv2d/BN neighbours in an nn.Sequential); BNs with no adjacent conv stay
     fold_layer_scale  PointwiseMlp.gamma into fc2
     set_mlp_form      PointwiseMlp / SqueezeExcite: 1x1 conv ("conv") ⇄ nn.Linear ("fc")
-    set_pconv_form    PartialConv: split_cat | slicing | full, or "fused" into the next MLP's fc1
+    set_pconv_form    PartialConv: split_cat | slice_cat | slicing | full, or "fused" into the next MLP's fc1
 
 `to_inference` composes them; `assert_equivalent` is the check that they changed nothing but the form.
 """
@@ -364,7 +364,7 @@ def _fusion_partner(parent: nn.Module, pconv_name: str, path: str) -> str:
     """Name of the sibling PointwiseMlp that is the only consumer of the PConv's output, or EdgeportError."""
     def refuse(why):
         return EdgeportError(f"{path}: cannot use PConv form 'fused' here ({why}); "
-                             "use split_cat, slicing or full")
+                             "use split_cat, slice_cat, slicing or full")
 
     try:
         graph = _ShallowTracer().trace(parent)
