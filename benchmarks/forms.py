@@ -1,5 +1,6 @@
-"""Every inference form of a model — PConv {split_cat, slicing, full, fused} × MLP {fc, conv}, where the
-network has them — built with the project's own export code, then timed per engine with the forms interleaved.
+"""Every inference form of a model — PConv {split_cat, slice_cat, slicing, full, fused} × MLP {fc, conv}, where
+the network has them — built with the project's own export code, then timed per engine with the forms
+interleaved.
 
 Exports are cached under a directory keyed by the code that produces them, so a second run re-times without
 re-exporting; a change to models/ or export/ (or to a tool version) starts a fresh cache."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from models.errors import EdgeportError
-from models.inference import MLP_FORMS, PCONV_FORMS
+from models.inference import DEFAULT_MLP, DEFAULT_PCONV, MLP_FORMS, PCONV_FORMS
 from runtime.atomic import write_json
 
 from . import onnx_export, targets
@@ -31,7 +31,7 @@ from .source import build_models, form_tag, make_source
 
 RECOMMENDATION = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "recommendation.json"
 # Used without benchmarks/results/recommendation.json: split_cat ran 14–19 % faster than slicing (ORT, MNN).
-FALLBACK_FORMS = {"pconv": "split_cat", "mlp": "fc"}
+FALLBACK_FORMS = {"pconv": DEFAULT_PCONV, "mlp": DEFAULT_MLP}
 
 
 @dataclass

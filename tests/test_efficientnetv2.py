@@ -96,7 +96,7 @@ def test_features_only_seven_stage_variant():
 
 
 def test_se_fc_form_equals_conv_form(model_s, image, reference):
-    fc_model = create_model("efficientnetv2_s", se_form="fc").eval()
+    fc_model = create_model("efficientnetv2_s", mlp="fc").eval()
     se = [m for m in fc_model.modules() if isinstance(m, SqueezeExcite)][-1]
     assert se.fc1.weight.ndim == 2  # the load below really reshapes conv [out, in, 1, 1] → fc [out, in]
     load_checkpoint(fc_model, model_s.state_dict())
@@ -167,4 +167,4 @@ def test_timm_layout_is_refused_with_a_reason():
 
 def test_unknown_se_form_raises():
     with pytest.raises(EdgeportError, match="SE form"):
-        create_model("efficientnetv2_s", se_form="linear")
+        create_model("efficientnetv2_s", mlp="linear")

@@ -58,7 +58,7 @@ def test_size_matches_the_seed_fvcore_table():
 
 def test_default_cfg_and_overrides():
     model = models.create_model("fasternet_t0", num_classes=10, embed_dim=16, depths=(1, 1, 1, 1),
-                                drop_path_rate=0.2, pconv_form="slicing", mlp_form="fc")
+                                drop_path_rate=0.2, pconv="slicing", mlp="fc")
     cfg = model.default_cfg
     assert (cfg["family"], cfg["architecture"], cfg["num_classes"]) == ("fasternet", "fasternet_t0", 10)
     assert (cfg["crop_pct"], cfg["interpolation"], cfg["input_size"]) == (0.9, "bicubic", (3, 224, 224))
@@ -103,7 +103,7 @@ def test_pconv_forms_give_identical_outputs():
 
 @torch.no_grad()
 def test_slicing_keeps_the_block_input_intact():
-    block = _randomize_bn(models.create_model("fasternet_t0", pconv_form="slicing")).stages[1].blocks[0]
+    block = _randomize_bn(models.create_model("fasternet_t0", pconv="slicing")).stages[1].blocks[0]
     x = torch.randn(1, 80, 8, 8)
     before = x.clone()
     out = block(x)
@@ -257,7 +257,7 @@ def test_our_layout_round_trips_and_passes_through():
     for checkpoint in (ours.state_dict(), _ours_to_official(ours.state_dict())):
         _load_and_compare("fasternet_t0", checkpoint, x, ours(x))
     # fc-form MLPs take the same checkpoint (1x1 conv weights reshaped by the loader)
-    fc = models.create_model("fasternet_t0", mlp_form="fc", weights=ours.state_dict(), **SMALL).eval()
+    fc = models.create_model("fasternet_t0", mlp="fc", weights=ours.state_dict(), **SMALL).eval()
     _assert_same_outputs(fc(x), ours(x))
 
 
