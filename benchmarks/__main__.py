@@ -63,7 +63,8 @@ def resolve(args) -> tuple[list[str], list[int], list[str]]:
 
     names = _csv(args.models)
     if names == ["all"]:
-        names = [n for n in models.list_models() if not models.get_cfg(n).extra.get("alias_of")]
+        names = [n for n in models.list_models() if not models.get_cfg(n).extra.get("alias_of")
+                 and not models.get_cfg(n).extra.get("from_checkpoint")]
     for name in names:
         models.get_cfg(name)  # unknown names fail here, before any work
     try:

@@ -45,7 +45,7 @@ def bench_mnn(model: str, pconv: str, mlp: str, iters: int, warmup: int, img_siz
         build_artifact(inference, meta, work, names)
         out = {"model": model, "form": {"pconv": pconv, "mlp": mlp}, "img_size": meta["input_shape"][-1],
                "profiles": {f: {**profile(work / f, threads=1, runs=iters), "artifact": f"{model}/{f}"}
-                            for f in ("model.mnn", "model.onnx")},
+                            for f in (targets.get("mnn_fp32").file, targets.get("ort").file)},
                "gelu": None}
         if not _has_gelu(work / "model.onnx"):
             return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.metrics import check_gates
 from runtime.detect import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, box_iou, nms
 
 SCORE_MARGIN = 0.01
@@ -19,36 +20,15 @@ IOU_MARGIN = 0.02
 PAIR_IOU = 0.5  # below this two boxes are different objects, not one detection moved
 BOX_SCORE_FLOOR = 0.01  # box errors are judged on anchors some class scores at least this high
 
-_FP32 = {"box_px": 0.05, "score": 1e-4, "min_iou": 0.99, "unmatched": 0, "class_mismatch": 0}
-# fp16-stored weights, measured on yolo11n_fasternet_t0 at 640² (calibrated random weights, 20 inputs, 515
-# detections): box_px 16.4 (one P5 anchor: the DFL expectation over 16 bins × stride 32 turns a 2^-11 weight
-# rounding, grown over ~100 layers, into pixels), score 0.011, after NMS 0 unmatched, 10 borderline, min IoU
-# 0.956. Gates = measurement + ~20 % margin; the classifier's max_rel 1e-2 would fail it too (boxes 2 %).
-_LOSSY = {"box_px": 20.0, "score": 2e-2, "min_iou": 0.95, "unmatched": 0, "class_mismatch": 0}
-# Starting points, per export target (export/targets.py names); measure and tighten per model.
-DEFAULT_DETECTION_GATES = {
-    "torch_inference": dict(_FP32),  # yolo11n_fasternet_t0 at 640², BN folds: 0.015 px, 4e-5 score (float32 rounding)
-    "ort": dict(_FP32),
-    "mnn_fp32": dict(_FP32),
-    "mnn_fp16w": dict(_LOSSY),
-    "mnn_low": dict(_LOSSY),
-    "mnn_fp16w_low": dict(_LOSSY),
-    # int8 weights: unmeasured-as-passing; yolo11n_fasternet_t0 at 640² gives 140 unmatched of 515, box_px 355,
-    # score 0.27, min IoU 0.50 on calibrated random weights: it FAILS, as it should (not loosened to pass).
-    "mnn_int8w": {**_LOSSY, "box_px": 8.0, "score": 0.1, "min_iou": 0.9},
-    "ort_int8": {**_LOSSY, "box_px": 8.0, "score": 0.1, "min_iou": 0.9},
-    "mnn_int8": {**_LOSSY, "box_px": 8.0, "score": 0.1, "min_iou": 0.9},
-}
-_LOWER_BOUNDED = ("min_iou",)
 METRICS = ("box_px", "box_px_all", "score", "unmatched", "class_mismatch", "min_iou", "borderline")
 
 
 def detection_gates(target: str, gates: dict | None = None) -> dict:
-    """The detection gates of `target`: DEFAULT_DETECTION_GATES, with any detection metric in `gates` laid over
-    (the registry's classification metrics, max_rel/top1/cosine, do not apply to a detector)."""
-    if target not in DEFAULT_DETECTION_GATES:
-        raise KeyError(f"no detection gates for target '{target}'; add them to DEFAULT_DETECTION_GATES")
-    return {**DEFAULT_DETECTION_GATES[target], **{k: v for k, v in (gates or {}).items() if k in METRICS}}
+    """The detection gates of `target` (its registry record's `detection_gates`), with any detection metric in
+    `gates` laid over (the classification metrics, max_rel/top1/cosine, do not apply to a detector)."""
+    from . import targets
+
+    return {**targets.get(target).detection_gates, **{k: v for k, v in (gates or {}).items() if k in METRICS}}
 
 
 def _pair(ref_dets, out_dets):
@@ -122,14 +102,6 @@ def compare_detections(ref: dict, out: dict, meta: dict | None = None) -> dict:
 
 
 def check_detection_gates(metrics: dict, gates: dict, label: str) -> list[str]:
-    """Breach lines ("mnn_fp32: box_px 0.31 > 0.05") for every gated metric that fails; NaN/Inf always breaches."""
-    breaches = [f"{label}: NaN/Inf in the outputs"] if metrics.get("nan_inf") else []
-    for name, limit in gates.items():
-        value = metrics.get(name)
-        if value is None:
-            continue
-        if name in _LOWER_BOUNDED and not value >= limit:
-            breaches.append(f"{label}: {name} {value:.4g} < {limit:.4g}")
-        elif name not in _LOWER_BOUNDED and not value <= limit:
-            breaches.append(f"{label}: {name} {value:.4g} > {limit:.4g}")
-    return breaches
+    """Breach lines ("mnn_fp32: box_px 0.31 > 0.05") for every gated metric that fails; NaN/Inf always breaches
+    (models.metrics.check_gates: one gate checker for every output kind)."""
+    return check_gates(metrics, gates, label)

@@ -78,7 +78,7 @@ def ort_int8(onnx_model, calib: np.ndarray, method: str = ORT_METHOD, exclude: S
         raise EdgeportError(f"unknown ONNX Runtime calibration method {method!r}; use MinMax, Entropy or Percentile")
     input_name = onnx_model.graph.input[0].name
     with tempfile.TemporaryDirectory(prefix="edgeport-ort-int8-") as tmp:
-        out, src = Path(tmp) / "model.int8.onnx", Path(tmp) / "model.onnx"
+        out, src = Path(tmp) / "quantised.onnx", Path(tmp) / "float.onnx"
         onnx.save_model(onnx_model, str(src))  # quantize_static rewrites a ModelProto it is given in place
         reader = None if cache and Path(cache).is_file() else _Reader(input_name, calib)
         with _quiet_root_logger():
@@ -137,7 +137,7 @@ def mnn_int8(onnx_path, out, calib: np.ndarray, biz_code: str, config: dict | No
         _write_sequence(calib, input_name, tmp / "calib")
         cfg.update(path=str(tmp / "calib"), input_type="sequence", used_sample_num=len(calib), batch_size=1)
         (tmp / "quant.json").write_text(json.dumps(cfg))
-        quantised = tmp / "model.int8.mnn"
+        quantised = tmp / "quantised.mnn"
         with open(log_path, "ab") as log:
             done = subprocess.run([sys.executable, "-c", _QUANT_CHILD, "quantized.out", str(float_mnn),
                                    str(quantised), str(tmp / "quant.json")], stdout=log, stderr=log, cwd=tmp)

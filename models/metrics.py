@@ -7,8 +7,10 @@ from __future__ import annotations
 import numpy as np
 
 # Gate direction: metrics where a larger value is worse, and metrics where a smaller value is worse.
-UPPER_BOUNDED = ("max_abs", "max_rel", "mean_abs", "nan_inf")
-LOWER_BOUNDED = ("cosine", "top1", "top5")
+UPPER_BOUNDED = ("max_abs", "max_rel", "mean_abs", "nan_inf",
+                 # detectors (export.detection_parity): pixels, score units, detection counts
+                 "box_px", "box_px_all", "score", "unmatched", "class_mismatch", "borderline")
+LOWER_BOUNDED = ("cosine", "top1", "top5", "min_iou")
 
 
 def max_rel(ref: np.ndarray, out: np.ndarray) -> float:

@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from export.detection_parity import DEFAULT_DETECTION_GATES, check_detection_gates, compare_detections
+from export.detection_parity import check_detection_gates, compare_detections, detection_gates
 from runtime.detect import box_iou, letterbox, main, nms, to_original
 
 SIZE = 64
@@ -69,11 +69,11 @@ def test_compare_detections_same_outputs_pass_and_defects_breach():
     ref = _outputs(2)
     same = compare_detections(ref, {k: v.copy() for k, v in ref.items()}, {})
     assert same["matched"] == same["detections_ref"] > 0 and same["unmatched"] == 0 and same["min_iou"] == 1.0
-    assert check_detection_gates(same, DEFAULT_DETECTION_GATES["ort"], "ort") == []
+    assert check_detection_gates(same, detection_gates("ort"), "ort") == []
     shifted = {k: v.copy() for k, v in ref.items()}
     shifted["boxes"][0, :, [0, 2]] += 1.0  # every box one pixel to the right
     m = compare_detections(ref, shifted, {})
-    lines = check_detection_gates(m, DEFAULT_DETECTION_GATES["ort"], "ort")
+    lines = check_detection_gates(m, detection_gates("ort"), "ort")
     assert m["box_px"] == pytest.approx(1.0) and any("box_px" in line for line in lines)
     two = {"boxes": np.array([[[0, 0, 10, 10], [100, 100, 120, 130]]], np.float32),
            "scores": np.array([[[0.9, 0.0], [0.0, 0.6]]], np.float32)}
@@ -81,7 +81,7 @@ def test_compare_detections_same_outputs_pass_and_defects_breach():
     one["scores"][0, 1, 1] = 0.0  # the second object is not detected any more
     m = compare_detections(two, one, {})
     assert (m["matched"], m["unmatched"], m["borderline"]) == (1, 1, 0)
-    assert any("unmatched" in x for x in check_detection_gates(m, DEFAULT_DETECTION_GATES["ort"], "ort"))
+    assert any("unmatched" in x for x in check_detection_gates(m, detection_gates("ort"), "ort"))
     near = {"boxes": two["boxes"].copy(), "scores": two["scores"].copy()}
     near["scores"][0, 1, 1] = 0.2499  # crossed the 0.25 threshold by a hair: borderline
     two["scores"][0, 1, 1] = 0.2501

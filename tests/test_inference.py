@@ -26,7 +26,8 @@ SIZE = 128
 MLP_FORMS = ("conv", "fc")
 
 
-OTHERS = [n for n in list_models() if n not in SMALL and not get_cfg(n).extra.get("alias_of")]
+OTHERS = [n for n in list_models() if n not in SMALL and not get_cfg(n).extra.get("alias_of")
+          and get_cfg(n).extra.get("task") != "detection"]  # detectors: tests/test_yolo11.py
 
 
 @pytest.fixture(autouse=True, scope="module")

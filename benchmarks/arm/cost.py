@@ -83,7 +83,7 @@ def cost_model(model_dir, configs=DEFAULT_CONFIGS, baseline=None, repeat=2, cach
     model_dir = Path(model_dir)
     vdirs = variant_dirs(model_dir)
     if not vdirs:
-        raise EdgeportError(f"no <form-tag>/model.mnn under {model_dir}; export the model (make export)")
+        raise EdgeportError(f"no <form-tag>/{FP32.file} under {model_dir}; export the model (make export)")
     host_versions = versions(cache)
     variants = []
     for vdir in vdirs:

@@ -25,6 +25,10 @@ import sys
 import tempfile
 import time
 
+from export import targets
+
+MNN_FILES = (targets.get("mnn_fp32").file, targets.get("mnn_fp16w").file)  # an fp32 and an fp16-weight file
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXECSTACK_TUNABLE = "glibc.rtld.execstack=2"
@@ -129,20 +133,20 @@ def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n:
     out["guest_check"]["seconds"] = chk["seconds"]
     say(f"guest_check: failures={out['guest_check']['failures']} ({chk['seconds']} s)")
     out["infer"] = {}
-    for name in ("model.mnn", "model.fp16.mnn"):
+    for name in MNN_FILES:
         r = run(g + ["-m", "runtime.infer", os.path.join(model_dir, name), image, "--topk", "2", "--json"], env)
         got = top1(r["stdout"]) if r["rc"] == 0 else {"error": last_line(r["stderr"])}
         out["infer"][name] = {**got, "rc": r["rc"], "seconds": r["seconds"], "host": host[name],
                               "same_top1": got.get("top1") == host[name]["top1"]}
         say(f"runtime.infer {name}: {got} host {host[name]} ({r['seconds']} s)")
     board = install_board(cache, arch, wheel)
-    r = run(g + ["-m", "edgeport_runtime.infer", os.path.join(model_dir, "model.mnn"), image, "--topk", "2", "--json"],
+    r = run(g + ["-m", "edgeport_runtime.infer", os.path.join(model_dir, MNN_FILES[0]), image, "--topk", "2", "--json"],
             {**env, "PYTHONPATH": f"{board}:{site}"}, cwd=board)  # no repository on the path: the board install alone
     got = top1(r["stdout"]) if r["rc"] == 0 else {"error": last_line(r["stderr"])}
     out["board_install"] = {**got, "rc": r["rc"], "seconds": r["seconds"], "modules": sorted(os.listdir(board)),
-                            "same_top1": got.get("top1") == host["model.mnn"]["top1"]}
-    say(f"board install: python -m edgeport_runtime.infer model.mnn: {got} ({r['seconds']} s)")
-    r = run(g + ["-m", "benchmarks.runtime_bench", os.path.join(model_dir, "model.mnn"), "--n", str(n),
+                            "same_top1": got.get("top1") == host[MNN_FILES[0]]["top1"]}
+    say(f"board install: python -m edgeport_runtime.infer {MNN_FILES[0]}: {got} ({r['seconds']} s)")
+    r = run(g + ["-m", "benchmarks.runtime_bench", os.path.join(model_dir, MNN_FILES[0]), "--n", str(n),
                  "--overhead-runs", str(overhead), "--json"], env)
     out["runtime_bench"] = json.loads(r["stdout"]) if r["rc"] == 0 else {"error": r["stderr"][-2000:]}
     out["runtime_bench"]["rc"], out["runtime_bench"]["seconds"] = r["rc"], r["seconds"]
@@ -157,7 +161,7 @@ def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="directory with model.mnn, model.fp16.mnn and model.onnx")
+    p.add_argument("model_dir", help="an export directory (python -m export fasternet_t0)")
     p.add_argument("--cache", default=".cache/debian13", help="setup.sh's CACHE_DIR")
     p.add_argument("--arch", nargs="+", default=["amd64", "arm64"], choices=("amd64", "arm64"))
     p.add_argument("--image", help="default: CACHE/image.png")
@@ -167,7 +171,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cache, model_dir = os.path.abspath(args.cache), os.path.abspath(args.model_dir)
     image = os.path.abspath(args.image or os.path.join(cache, "image.png"))
-    for name in ("model.mnn", "model.fp16.mnn"):
+    for name in MNN_FILES:
         if not os.path.isfile(os.path.join(model_dir, name)):
             print(f"error: {model_dir}/{name} missing; run python -m export fasternet_t0 --out DIR", file=sys.stderr)
             return 2
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
         print(f"error: no userland under {cache}; run make debian13-setup", file=sys.stderr)
         return 2
     host = {}
-    for name in ("model.mnn", "model.fp16.mnn"):
+    for name in MNN_FILES:
         r = run([sys.executable, "-m", "runtime.infer", os.path.join(model_dir, name), image, "--topk", "2",
                  "--json"])
         if r["rc"]:
