@@ -66,7 +66,7 @@ METADATA_EDITS = {  # name → (metadata text in the file, hand-edited text)
     "shape_3d": ('"input_shape": [-1, 3, 32, 32]', '"input_shape": [3, 32, 32]'),
     "shape_other": ('"input_shape": [-1, 3, 32, 32]', '"input_shape": [-1, 3, 64, 64]'),
     "interp": ('"interpolation": "bicubic"', '"interpolation": "bicubix"'),
-    "task": ('"task": "classification"', '"task": "detection"'),
+    "task": ('"task": "classification"', '"task": "regression"'),
     "classes": ('"num_classes": 10', '"num_classes": -5'),
 }
 

@@ -118,9 +118,10 @@ def test_metadata_in_onnx_and_every_mnn_file(exports):
     assert json.loads(props["edgeport"]) == meta and props["model"] == "fasternet_t0"
     assert [i.name for i in g.graph.input] == ["input"] and [o.name for o in g.graph.output] == ["logits"]
     assert g.opset_import[0].version == 17
-    for fname, precision in (("model.mnn", "fp32"), ("model.fp16.mnn", "fp16"), ("model.int8w.mnn", "int8w")):
+    for fname, precision, gelu in (("model.mnn", "fp32", "sigmoid_p4"), ("model.fp16.mnn", "fp16", "tanh"),
+                                   ("model.int8w.mnn", "int8w", "tanh")):
         info = MNN.nn.load_module_from_file(str(dest / fname), [], []).get_info()
-        assert json.loads(info["bizCode"]) == {**meta, "precision": precision}
+        assert json.loads(info["bizCode"]) == {**meta, "precision": precision, "gelu": gelu}
         assert info["inputNames"] == ["input"] and info["outputNames"] == ["logits"]
 
 
