@@ -134,8 +134,8 @@ def test_gelu_approximation_is_caught_by_the_gate_metric(tmp_path, name):
     (≈5e-5: under 1e-4, so only a tighter gate would fail it — see the export notes)."""
     import runtime
     from export.inputs import sample_batch
-    from models.metrics import max_rel
     from export.source import build_models, make_source
+    from models.metrics import max_rel
 
     reference, inference, meta = build_models(make_source(name, img_size=64))
     g = onnx_export.simplify(onnx_export.export_onnx(inference, tmp_path / "raw.onnx", meta))
