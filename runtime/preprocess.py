@@ -85,6 +85,9 @@ def check_metadata(meta: dict, name: str = "model") -> None:
         bad("num_classes", "a positive integer (0 for a features model)")
 
 
+MAX_RESIZED_PIXELS = 64_000_000
+
+
 def resize_crop(img: Image.Image, size: tuple[int, int], crop_pct: float, interpolation: str) -> Image.Image:
     """timm's eval transform geometry: resize the shorter side to size/crop_pct, then centre-crop `size`."""
     th, tw = size
@@ -94,6 +97,9 @@ def resize_crop(img: Image.Image, size: tuple[int, int], crop_pct: float, interp
         new_w, new_h = scale, int(scale * h / w)
     else:
         new_w, new_h = int(scale * w / h), scale
+    if new_w * new_h > MAX_RESIZED_PIXELS:  # a 20000×2 strip would become ~655 MP (gigabytes) before the crop
+        raise EdgeRuntimeError(f"image {w}×{h} is too elongated for this model's resize ({new_w}×{new_h} before the "
+                               "centre crop); crop it closer to the model's aspect ratio first")
     img = img.resize((new_w, new_h), INTERPOLATIONS[interpolation])
     left, top = int(round((new_w - tw) / 2.0)), int(round((new_h - th) / 2.0))
     return img.crop((left, top, left + tw, top + th))

@@ -451,3 +451,14 @@ def test_concurrent_calls_give_sequential_results(artifacts, kind):
         got = list(pool.map(lambda x: p.run(x)["logits"], xs * 4))
     for g, e in zip(got, expected * 4):
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-6)
+
+
+def test_elongated_image_is_refused_before_resizing():
+    """A 20000×2 strip would be resized to 2,560,000×256 (~2 GB) before a 224² model's centre crop."""
+    from runtime.preprocess import preprocess
+
+    meta = {"input_shape": [1, 3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875,
+            "interpolation": "bicubic"}
+    with pytest.raises(EdgeRuntimeError, match="too elongated"):
+        preprocess(Image.new("RGB", (20000, 2)), meta)
+    assert preprocess(Image.new("RGB", (2000, 200)), meta).shape == (1, 3, 224, 224)  # 10:1 still fine
