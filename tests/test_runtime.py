@@ -455,10 +455,8 @@ def test_concurrent_calls_give_sequential_results(artifacts, kind):
 
 def test_elongated_image_is_refused_before_resizing():
     """A 20000×2 strip would be resized to 2,560,000×256 (~2 GB) before a 224² model's centre crop."""
-    from runtime.preprocess import preprocess
-
     meta = {"input_shape": [1, 3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875,
             "interpolation": "bicubic"}
-    with pytest.raises(EdgeRuntimeError, match="too elongated"):
+    with pytest.raises(runtime.EdgeRuntimeError, match="too elongated"):
         preprocess(Image.new("RGB", (20000, 2)), meta)
     assert preprocess(Image.new("RGB", (2000, 200)), meta).shape == (1, 3, 224, 224)  # 10:1 still fine
