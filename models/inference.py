@@ -15,7 +15,6 @@ Every transform is pure (model → new model, input untouched) and recognises th
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 
 import torch
@@ -26,6 +25,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import EdgeportError
 from .layers import ConvNormAct, DropPath, LayerNorm2d, PartialConv, PointwiseMlp, SqueezeExcite
+from .metrics import max_rel
 
 PCONV_FORMS = (*PartialConv.FORMS, "fused")
 MLP_FORMS = PointwiseMlp.FORMS
@@ -122,7 +122,8 @@ def set_pconv_form(model: nn.Module, form: str) -> nn.Module:
 # Equivalence check (for export's parity gate to reuse too).
 
 def relative_error(ref_out, new_out) -> float:
-    """max |ref − new| / max |ref| over every output tensor (a tensor or a list/tuple of them)."""
+    """max |ref − new| / max |ref| over every output tensor (a tensor or a list/tuple of them): the project's one
+    metric (models.metrics.max_rel), worst over the outputs."""
     refs, news = _as_list(ref_out), _as_list(new_out)
     if len(refs) != len(news):
         raise EquivalenceError(f"output count differs: {len(refs)} vs {len(news)}")
@@ -130,12 +131,7 @@ def relative_error(ref_out, new_out) -> float:
     for i, (a, b) in enumerate(zip(refs, news)):
         if a.shape != b.shape:
             raise EquivalenceError(f"output {i} shape differs: {tuple(a.shape)} vs {tuple(b.shape)}")
-        a, b = a.double(), b.double()
-        scale = a.abs().max().item() if a.numel() else 0.0
-        err = (a - b).abs().max().item() / max(scale, 1e-30) if a.numel() else 0.0
-        if math.isnan(err):
-            return err
-        worst = max(worst, err)
+        worst = max(worst, max_rel(a.detach().double().numpy(), b.detach().double().numpy()))
     return worst
 
 
