@@ -208,14 +208,18 @@ def _unique_prefix(graph, base: str) -> str:
 
 
 def _method_constants(spec: GeluMethod, prefix: str) -> list[onnx.TensorProto]:
-    values = {"scale": spec.scale}
+    """The scale is spread over the factors (each times scale^(1/n), written as (c·x² − c·mᵢ)² + c²·eᵢ with
+    c = scale^(1/2n)): unscaled, the product is ~1e6 at x = 0, which overflows float16 (MNN's precision 'low' on
+    ARMv8.2 computed inf, then NaN at x = 0, and a ReLU elsewhere)."""
+    c = float(spec.scale) ** (1.0 / (2 * len(spec.factors)))
+    values = {"c": c}
     for k, (m, e) in enumerate(spec.factors):
-        values.update({f"m{k}": m, f"e{k}": e})
+        values.update({f"cm{k}": c * m, f"ce{k}": c * c * e})
     return [numpy_helper.from_array(np.array(v, dtype=np.float32), f"{prefix}/{k}") for k, v in values.items()]
 
 
 def _decomposition(spec: GeluMethod, m: GeluMatch, tag: str, prefix: str) -> list[onnx.NodeProto]:
-    """y = x·σ(x·scale·∏((x² - mᵢ)² + eᵢ))"""
+    """y = x·σ(x·∏((c·x² - c·mᵢ)² + c²·eᵢ)) = x·σ(x·scale·∏((x² - mᵢ)² + eᵢ))"""
     nodes = []
 
     def op(op_type, *inputs):
@@ -223,13 +227,13 @@ def _decomposition(spec: GeluMethod, m: GeluMatch, tag: str, prefix: str) -> lis
         nodes.append(helper.make_node(op_type, list(inputs), [out], name=out))
         return out
 
-    u = op("Mul", m.x, m.x)
+    v = op("Mul", op("Mul", m.x, m.x), f"{prefix}/c")
     p = None
     for k in range(len(spec.factors)):
-        diff = op("Sub", u, f"{prefix}/m{k}")
-        factor = op("Add", op("Mul", diff, diff), f"{prefix}/e{k}")
+        diff = op("Sub", v, f"{prefix}/cm{k}")
+        factor = op("Add", op("Mul", diff, diff), f"{prefix}/ce{k}")
         p = factor if p is None else op("Mul", p, factor)
-    s = op("Sigmoid", op("Mul", m.x, op("Mul", p, f"{prefix}/scale")))
+    s = op("Sigmoid", op("Mul", m.x, p))
     nodes.append(helper.make_node("Mul", [m.x, s], [m.y], name=f"{tag}/Mul_out"))
     return nodes
 

@@ -147,3 +147,22 @@ def test_mnn_runs_the_lowering_within_its_stated_error(method, tmp_path):
     path, _ = _mnn(gelu.lower_gelu(erf_gelu_graph(n), method), tmp_path, method)
     y = load(str(path)).run(x)["y"][0]
     assert np.abs(y - gelu64(x[0])).max() <= gelu.GELU_METHODS[method].max_abs_error
+
+
+@pytest.mark.parametrize("method", LOWERED)
+def test_lowering_survives_float16_arithmetic(method):
+    """MNN's precision 'low' runs the lowered ops in float16 on ARMv8.2: every intermediate must stay finite
+    where the result matters (unscaled, the product was ~1e6 at x = 0: inf, then 0 × inf = NaN)."""
+    spec = gelu.GELU_METHODS[method]
+    c = {t.name.rsplit("/", 1)[1]: np.float16(numpy_helper.to_array(t)) for t in gelu._method_constants(spec, "k")}
+    x = np.concatenate([np.linspace(-300, 300, 60001), [0.0, -0.0]]).astype(np.float16)
+    v = x * x * c["c"]
+    p = np.float16(1)
+    for k in range(len(spec.factors)):
+        d = v - c[f"cm{k}"]
+        p = p * (d * d + c[f"ce{k}"])
+    with np.errstate(over="ignore"):
+        y = x * (np.float16(1) / (np.float16(1) + np.exp(-(x * p))))
+    exact = 0.5 * x.astype(np.float64) * (1 + erf(x.astype(np.float64) / np.sqrt(2)))
+    assert np.isfinite(y).all()
+    assert (np.abs(y - exact) <= 2e-2 * np.maximum(1, np.abs(x))).all()
