@@ -5,7 +5,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from benchmarks.arm.run import arm_env
@@ -84,9 +83,17 @@ def test_too_tight_fp16_gate_fails(tiny_dir):
     assert row["max_rel"] <= targets.get("mnn_low").gates["max_rel"], "the default gate passes the same outputs"
 
 
-def test_cortex_a53_precision_low_is_fp32(outputs):
-    low, normal = outputs("cortex-a53", "low"), outputs("cortex-a53", "normal")
-    assert all(np.array_equal(low[k], normal[k]) for k in normal), "ARMv8.0 has no fp16 arithmetic path"
-    # The same comparison does see fp16 where it exists, so the equality above is not vacuous.
-    n1_low, n1_normal = outputs("neoverse-n1", "low"), outputs("neoverse-n1", "normal")
-    assert not all(np.array_equal(n1_low[k], n1_normal[k]) for k in n1_normal)
+def test_precision_low_is_fp16_only_where_the_cpu_has_it(tiny_dir, inputs, outputs):
+    """neoverse-n1 (ARMv8.2) reports fp16 arithmetic and runs precision 'low' in it; cortex-a53 (ARMv8.0) does
+    not. MNN's 'low' still approximates some elementwise ops on ARMv8.0 (6e-4 of max|logit| on this net, whose
+    exact GELU is a chain of elementwise ops), but less than the fp16 path changes the result."""
+    from benchmarks.arm.run import guest_infer
+    from models.metrics import max_rel
+
+    model = os.path.join(tiny_dir, "model.mnn")
+    assert guest_infer(model, inputs[:1], "cortex-a53", "low").device.get("fp16") == 0
+    assert guest_infer(model, inputs[:1], "neoverse-n1", "low").device.get("fp16") == 1
+    drift = {cpu: max(max_rel(outputs(cpu, "normal")[k], outputs(cpu, "low")[k]) for k in outputs(cpu, "normal"))
+             for cpu in ("cortex-a53", "neoverse-n1")}
+    assert 0 < drift["neoverse-n1"] and drift["cortex-a53"] < drift["neoverse-n1"], drift
+    assert drift["neoverse-n1"] <= 3e-2, drift  # within the mnn_low gate
