@@ -17,16 +17,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from models.errors import EdgeportError
+from runtime.atomic import umask
 
 BUILD_PREFIX = ".build-"
 FAILED_SUFFIX = ".failed"
 STALE_AFTER_S = 24 * 3600  # a build dir without a readable pid is swept once this old
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _alive(pid: int) -> bool:
@@ -61,7 +56,7 @@ def make_build_dir(out: Path, model: str) -> Path:
         parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_builds(parent)
         build = Path(tempfile.mkdtemp(prefix=f"{BUILD_PREFIX}{os.getpid()}-", dir=parent))
-        os.chmod(build, 0o777 & ~_umask())  # mkdtemp makes it private; the artifact dir should not be
+        os.chmod(build, 0o777 & ~umask())  # mkdtemp makes it private; the artifact dir should not be
         return build
     except OSError as e:
         if created:
@@ -100,7 +95,7 @@ def install(build: Path, dest: Path, status: str) -> Path:
     """Move `build` to `dest` (replacing it whole), or, when `status` is "failed" and `dest` holds a passing
     export, to `dest`.failed beside it. Returns where it went."""
     for f in build.iterdir():  # temp-file helpers create 0600 files
-        os.chmod(f, 0o666 & ~_umask())
+        os.chmod(f, 0o666 & ~umask())
     try:
         with destination_lock(dest):
             failed = dest.with_name(dest.name + FAILED_SUFFIX)

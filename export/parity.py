@@ -251,9 +251,11 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
             else:
                 errors[target.name] = f"{target.file} missing"
             continue
-        sources[target.name] = target.file + "".join(
-            f" ({k}={v})" for k, v in (("precision", target.precision), ("GELU", target.gelu))
-            if (k == "precision" and v != "fp32") or (k == "GELU" and target.engine == "mnn"))
+        sources[target.name] = target.file
+        if target.precision != "fp32":
+            sources[target.name] += f" (precision={target.precision})"
+        if target.engine == "mnn":
+            sources[target.name] += f" (GELU={target.gelu})"
         try:
             if target.inputs == "held_out" and "reference@held_out" not in outputs:
                 held = held_out_inputs(meta)
