@@ -30,6 +30,25 @@ def int_in(lo: int, hi: int | None = None):
     return parse
 
 
+def for_each_image(paths, handle, show, quiet: bool) -> tuple[list[dict], int]:
+    """(results, failures): `handle(path)` → a result dict per image; an image that fails with
+    EdgeRuntimeError gets {"image", "error"} and one `error:` line, and the rest still run. Unless `quiet`
+    (JSON output), `show(result)` prints each success as it comes."""
+    from .errors import EdgeRuntimeError
+
+    results, failed = [], 0
+    for path in paths:
+        try:
+            result = handle(path)
+        except EdgeRuntimeError as e:
+            result, failed = {"image": path, "error": str(e)}, failed + 1
+            print(f"error: {e}", file=sys.stderr)
+        results.append(result)
+        if not quiet and "error" not in result:
+            print(show(result), flush=True)
+    return results, failed
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 

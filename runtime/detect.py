@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .cli import OneLineParser, cli_main, for_each_image, int_in
 from .errors import EdgeRuntimeError
 from .images import load_image
 
@@ -194,7 +195,7 @@ def save_png(img: Image.Image, path: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m runtime.detect", description=__doc__.split("\n\n")[0],
         epilog="\n".join(__doc__.splitlines()[3:]) + "\n\nExit status: 0 ok (also when nothing is detected), "
                "2 on any error (one line each).",
@@ -204,10 +205,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="image files, or directories (their image files, sorted, not recursive)")
     p.add_argument("--conf", type=float, default=DEFAULT_CONF, help=f"score threshold (default {DEFAULT_CONF})")
     p.add_argument("--iou", type=float, default=DEFAULT_IOU, help=f"NMS IoU threshold (default {DEFAULT_IOU})")
-    p.add_argument("--max-det", type=int, default=DEFAULT_MAX_DET, help="detections kept per image (default 300)")
+    p.add_argument("--max-det", type=int_in(1), default=DEFAULT_MAX_DET, help="detections kept per image (default 300)")
     p.add_argument("--save-dir", metavar="DIR", help="write <image stem>.png with the labelled boxes here")
     p.add_argument("--labels", metavar="FILE", help="text file: one class name a line (default: the artifact's)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op CPU threads (default: 1)")
+    p.add_argument("--threads", type=int_in(1), default=1, help="intra-op CPU threads (default: 1)")
     p.add_argument("--backend", choices=("auto", "mnn", "onnxruntime"), default="auto",
                    help="engine (default: from the file extension)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
@@ -229,8 +230,8 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        if not 0 <= args.conf <= 1 or not 0 <= args.iou <= 1 or args.max_det < 1:
-            raise EdgeRuntimeError("--conf and --iou must be in [0, 1] and --max-det >= 1")
+        if not 0 <= args.conf <= 1 or not 0 <= args.iou <= 1:
+            raise EdgeRuntimeError(f"--conf {args.conf} / --iou {args.iou}: both must be in [0, 1]")
         predictor = load(args.model, backend=args.backend, threads=args.threads)
         if predictor.meta.get("task") != "detection" or "input_shape" not in predictor.meta:
             raise EdgeRuntimeError(f"{args.model}: not an edgeport detector artifact (metadata task is "
@@ -240,21 +241,18 @@ def main(argv=None) -> int:
     except EdgeRuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results, failed = [], 0
-    for path in paths:
-        try:
-            (dets,) = detect(predictor, [path], args.conf, args.iou, args.max_det, labels)
-            result = {"image": path, "detections": dets}
-            if args.save_dir:
-                stem = os.path.splitext(os.path.basename(path))[0]
-                result["saved"] = os.path.join(args.save_dir, stem + ".png")
-                save_png(draw(load_image(path), dets), result["saved"])
-        except EdgeRuntimeError as e:
-            result, failed = {"image": path, "error": str(e)}, failed + 1
-            print(f"error: {e}", file=sys.stderr)
-        results.append(result)
-        if not args.json and "error" not in result:
-            print(format_result(path, result["detections"]), flush=True)
+
+    def handle(path):
+        (dets,) = detect(predictor, [path], args.conf, args.iou, args.max_det, labels)
+        result = {"image": path, "detections": dets}
+        if args.save_dir:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            result["saved"] = os.path.join(args.save_dir, stem + ".png")
+            save_png(draw(load_image(path), dets), result["saved"])
+        return result
+
+    results, failed = for_each_image(paths, handle, lambda r: format_result(r["image"], r["detections"]),
+                                     args.json)
     if args.json:
         print(json.dumps({"model": args.model, "backend": predictor.backend, "conf": args.conf, "iou": args.iou,
                           "results": results}, indent=2))
@@ -262,4 +260,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(main))

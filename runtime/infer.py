@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from .cli import OneLineParser, cli_main, int_in
+from .cli import OneLineParser, cli_main, for_each_image, int_in
 from .errors import EdgeRuntimeError
 from .predictor import Predictor, load
 
@@ -146,16 +146,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    results, failed = [], 0
-    for path in paths:
-        try:
-            result = infer_one(predictor, path, args.topk or DEFAULT_TOPK, labels)
-        except EdgeRuntimeError as e:
-            result, failed = {"image": path, "error": str(e)}, failed + 1
-            print(f"error: {e}", file=sys.stderr)
-        results.append(result)
-        if not args.json and "error" not in result:
-            print(format_result(result), flush=True)
+    results, failed = for_each_image(paths, lambda path: infer_one(predictor, path, args.topk or DEFAULT_TOPK,
+                                                                  labels), format_result, args.json)
 
     timing = None
     ok = [r["image"] for r in results if "error" not in r]

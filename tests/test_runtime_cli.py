@@ -158,3 +158,14 @@ def test_runtime_bench_smoke(artifacts):
     assert "BLOCKED" not in result.stderr
     r = json.loads(result.stdout)
     assert r["runs"] == 20 and r["load_ms"] > 0 and r["peak_rss_mb"] > 0 and r["wrapper_ratio"] > 0
+
+
+@pytest.mark.parametrize("option", [["--threads", "0"], ["--max-det", "0"], ["--max-det", "x"]])
+def test_detect_bad_options_exit_2_one_line(capsys, option):
+    from runtime.detect import main as detect_main
+
+    with pytest.raises(SystemExit) as e:
+        detect_main(["model.mnn", "a.jpg", *option])
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and option[0] in err
