@@ -11,6 +11,7 @@
 #   plugin/    qemu-plugin.h (from Debian's qemu source package) and libinsncount.so
 #   versions.json  qemu, glibc, Python, MNN and numpy versions as seen by the guest
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/../private_apt.sh"
 
 CACHE=$(realpath -m "${1:?usage: setup.sh CACHE_DIR HOST_PYTHON}")
 HOST_PY=${2:?usage: setup.sh CACHE_DIR HOST_PYTHON}
@@ -59,24 +60,7 @@ if [ ! -s "$APT/lists.ok" ]; then
         printf 'deb [signed-by=%s] %s %s %s\ndeb-src [signed-by=%s] %s %s %s\n' \
             "$keyring" "$uri" "$release" "$component" "$keyring" "$uri" "$release" "$component" >>"$APT/sources.list"
     done <<<"$src"
-    : >"$APT/status"
-    cat >"$APT/apt.conf" <<CONF
-APT::Architecture "arm64";
-APT::Architectures { "arm64"; };
-Dir::Etc::SourceList "$APT/sources.list";
-Dir::Etc::SourceParts "$APT/parts";
-Dir::Etc::PreferencesParts "$APT/prefs";
-Dir::State::Lists "$APT/lists";
-Dir::State::status "$APT/status";
-Dir::Cache "$APT/cache";
-Dir::Cache::archives "$APT/archives";
-APT::Sandbox::User "root";
-Acquire::Languages "none";
-Debug::NoLocking "true";
-#clear APT::Update::Post-Invoke-Success;
-#clear APT::Update::Post-Invoke;
-CONF
-    mkdir -p "$APT/cache"
+    write_apt_conf "$APT" arm64 "arm64"
     say "apt-get update (private arm64 lists under $APT)"
     apt-get -q update | sed 's/^/    /'
     date -u +%FT%TZ >"$APT/lists.ok"

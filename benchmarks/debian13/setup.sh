@@ -11,6 +11,7 @@
 #   ARCH/site/       cp313 wheels: MNN, numpy, Pillow, onnxruntime (+ its dependencies), installed with --target
 #   image.png        the test photo (scikit-image's chelsea.png, a tabby cat)
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/../private_apt.sh"
 
 CACHE=$(realpath -m "${1:?usage: setup.sh CACHE_DIR HOST_PYTHON}")
 HOST_PY=${2:?usage: setup.sh CACHE_DIR HOST_PYTHON}
@@ -49,23 +50,7 @@ if [ ! -s "$APT/lists.ok" ]; then
         [ -n "$host_release" ] && release=${release/#$host_release/$RELEASE}
         printf 'deb [signed-by=%s] %s %s %s\n' "$keyring" "$uri" "$release" "$component" >>"$APT/sources.list"
     done <<<"$src"
-    : >"$APT/status"
-    cat >"$APT/apt.conf" <<CONF
-APT::Architecture "amd64";
-APT::Architectures { "amd64"; "arm64"; };
-Dir::Etc::SourceList "$APT/sources.list";
-Dir::Etc::SourceParts "$APT/parts";
-Dir::Etc::PreferencesParts "$APT/prefs";
-Dir::State::Lists "$APT/lists";
-Dir::State::status "$APT/status";
-Dir::Cache "$APT/cache";
-Dir::Cache::archives "$APT/archives";
-APT::Sandbox::User "root";
-Acquire::Languages "none";
-Debug::NoLocking "true";
-#clear APT::Update::Post-Invoke-Success;
-#clear APT::Update::Post-Invoke;
-CONF
+    write_apt_conf "$APT" amd64 "amd64 arm64"
     say "apt-get update (private $RELEASE amd64+arm64 lists under $APT)"
     apt-get -q update | sed 's/^/    /'
     date -u +%FT%TZ >"$APT/lists.ok"
