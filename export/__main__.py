@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
-from models.errors import EdgeportError
-from runtime.cli import OneLineParser
 
-from . import targets
+def _interrupted_while_importing(signum, frame):
+    print("export: interrupted; previous artifacts untouched", file=sys.stderr, flush=True)
+    os._exit(130)  # an exception raised inside a half-imported C extension can recurse; nothing to clean up yet
+
+
+# Ctrl-C during the seconds torch takes to import: one line, not a traceback (main() restores the default).
+signal.signal(signal.SIGINT, _interrupted_while_importing)
+
+from models.errors import EdgeportError  # noqa: E402
+from runtime.cli import OneLineParser  # noqa: E402
+
+from . import targets  # noqa: E402
 
 EPILOG = """\
 defaults: fasternet_t0 at its configured size (224), batch 1, --pconv auto --mlp auto, every default target,
@@ -104,6 +114,7 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return _main(argv)
@@ -141,8 +152,6 @@ def _main(argv) -> int:
 
 def _is_checkpoint_path(model: str) -> bool:
     """A file path rather than a registered name (names have no dots or slashes)."""
-    import os
-
     return os.sep in model or model.endswith((".pt", ".pth")) or os.path.isfile(model)
 
 
