@@ -1,8 +1,9 @@
-"""CPU latency of every inference form against the fc baseline, the FasterNet paper's operator table, the
-SGEMM roofline and the seed claims; writes results.json, report.md, PNG plots and recommendation.json.
+"""CPU latency of every inference form against the fc baseline (classifiers, and YOLO11 detectors per backbone
+form), int8 against fp32 and fp16, the FasterNet paper's operator table, the SGEMM roofline and the seed claims;
+writes results.json, report.md, PNG plots and recommendation.json.
 
-  python -m benchmarks [--models ...] [--iters N] [--threads 1,all] [--engines torch,ort,mnn] [--quick]
-                       [--out DIR]
+  python -m benchmarks [--models ...] [--detectors ...] [--precision-models ...] [--iters N] [--threads 1,all]
+                       [--engines torch,ort,mnn] [--quick] [--out DIR]
 """
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "bench"
 DEFAULT_MODELS = ("fasternet_t0", "convnext_atto", "inception_next_atto", "efficientnetv2_s")
 QUICK_OP_SHAPES = ((32, 16),)
+DEFAULT_DETECTORS = ("yolo11n_fasternet_t0", "yolo11n_inception_next_atto")
+DETECTOR_REFERENCES = ("yolo11n",)  # plain YOLO11n (its own backbone): timed in the detectors' rounds
+DETECTOR_ENGINES = ("ort", "mnn")
+# A detector round is ~11 forms × 0.1–0.3 s: the per-group budget is this many times the classifiers'.
+DETECTOR_BUDGET_FACTOR = 3
 
 
 def _csv(values) -> list[str]:
@@ -41,6 +47,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds per (model, engine, threads) group; past it, stop after 3 rounds "
                         "(default 10; 0 = no limit)")
     p.add_argument("--img", type=int, help="input size (default: each model's own; --quick 64)")
+    p.add_argument("--detectors", nargs="+", default=list(DEFAULT_DETECTORS),
+                   help="detectors timed per backbone form at 1 thread, ONNX Runtime and MNN, beside plain "
+                        f"yolo11n; 'none' to skip (default: {' '.join(DEFAULT_DETECTORS)})")
+    p.add_argument("--det-img", type=int, help="detector input size (default 640; --quick 128)")
+    p.add_argument("--precision-models", nargs="+",
+                   help="models whose fp32 / fp16 / int8 files are timed against each other at 1 thread "
+                        "(default: --models; 'none' to skip)")
+    p.add_argument("--precision-targets",
+                   help="of ort,ort_int8,mnn_fp32,mnn_fp16w,mnn_int8w,mnn_int8 (default all; --quick: all but "
+                        "the calibrated int8 ones, whose fallback search takes minutes)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 rounds, 64² input, one small operator shape, short roofline")
     p.add_argument("--out", help="output directory (default benchmarks/results; --quick: .cache/bench/quick)")
@@ -50,23 +66,53 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="measure nothing: rewrite report, plots and recommendation from a results.json "
                         "(into --out, default its own directory)")
     args = p.parse_args(argv)
-    args.quick_defaults = {"iters": 2, "warmup": 1, "img": 64} if args.quick else {"iters": 20, "warmup": 3}
+    args.quick_defaults = ({"iters": 2, "warmup": 1, "img": 64, "det_img": 128,
+                            "precision_targets": "ort,mnn_fp32,mnn_fp16w,mnn_int8w"} if args.quick
+                           else {"iters": 20, "warmup": 3, "det_img": 640})
     for key, value in args.quick_defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
 
 
-def resolve(args) -> tuple[list[str], list[int], list[str]]:
+def model_names(values, default=None) -> list[str]:
+    """Names from the command line ('all': every registered classifier; 'none': nothing), checked."""
     import models
-    from benchmarks.forms import ENGINES
 
-    names = _csv(args.models)
+    names = _csv(values) if values is not None else list(default or [])
+    if names == ["none"]:
+        return []
     if names == ["all"]:
         names = [n for n in models.list_models() if not models.get_cfg(n).extra.get("alias_of")
-                 and not models.get_cfg(n).extra.get("from_checkpoint")]
+                 and not models.get_cfg(n).extra.get("from_checkpoint")
+                 and models.get_cfg(n).extra.get("task") != "detection"]
     for name in names:
         models.get_cfg(name)  # unknown names fail here, before any work
+    return names
+
+
+def precision_targets(values) -> list[str] | None:
+    """The precision section's targets (None: all); each engine's fp32 file stays, as the ratios' baseline."""
+    from benchmarks.precision import PRECISION_TARGETS
+
+    if values is None:
+        return None
+    names = _csv(values)
+    known = [t for group in PRECISION_TARGETS.values() for t in group]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise EdgeportError(f"unknown --precision-targets {','.join(bad) or '(empty)'}; use a subset of "
+                            f"{','.join(known)}")
+    return names
+
+
+def resolve(args) -> tuple[list[str], list[int], list[str]]:
+    from benchmarks.forms import ENGINES
+
+    names = model_names(args.models)
+    args.detector_names = model_names(args.detectors)
+    args.precision_names = model_names(args.precision_models, default=names)
+    args.precision_target_names = precision_targets(args.precision_targets)
     try:
         threads = sorted({(os.cpu_count() or 1) if t == "all" else int(t) for t in _csv(args.threads)})
     except ValueError:
@@ -78,6 +124,8 @@ def resolve(args) -> tuple[list[str], list[int], list[str]]:
                             f"use a subset of {','.join(ENGINES)}")
     if not threads or threads[0] < 1:
         raise EdgeportError(f"--threads {args.threads}: use positive counts or 'all', e.g. 1,all")
+    if args.det_img < 32 or args.det_img % 32:
+        raise EdgeportError(f"--det-img {args.det_img} must be a positive multiple of 32 (the total stride)")
     if args.iters < 1 or args.warmup < 0 or args.budget < 0:
         raise EdgeportError("--iters must be at least 1, --warmup and --budget at least 0")
     return names, threads, engines
@@ -118,6 +166,7 @@ def run(args, log) -> tuple[dict, Path]:
 
     from .forms import bench_model
     from .ops import SHAPES, operator_table
+    from .precision import PRECISION_TARGETS, bench_precision
     from .roofline import fma_peak, sgemm_by_engine, sgemm_gflops
     from .seed_checks import seed000_table
     from .timing import host_info, load_average
@@ -131,10 +180,16 @@ def run(args, log) -> tuple[dict, Path]:
         "host": host_info(), "loadavg": {"start": load_average()}, "versions": tool_versions(),
         "settings": {"models": names, "iters": args.iters, "warmup": args.warmup, "threads": threads,
                      "engines": engines, "img": args.img, "forms": args.forms,
+                     "detectors": args.detector_names, "det_img": args.det_img,
+                     "det_engines": [e for e in engines if e in DETECTOR_ENGINES], "det_threads": threads[0],
+                     "det_budget_s": args.budget * DETECTOR_BUDGET_FACTOR or None,
+                     "precision_models": args.precision_names, "precision_threads": threads[0],
+                     "precision_targets": args.precision_target_names,
                      "budget_s": args.budget or None, "calibrated": True,
                      "quick": args.quick, "batch": 1, "precision": "fp32",
                      "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_"))}},
-        "roofline": {}, "models": {}, "mnn": {}, "operators": {}, "seed_checks": {},
+        "roofline": {}, "models": {}, "detectors": {}, "precision": {}, "mnn": {}, "operators": {},
+        "seed_checks": {},
     }
     seconds, mark = {}, [start]
 
@@ -163,6 +218,20 @@ def run(args, log) -> tuple[dict, Path]:
             results["mnn"][name] = bench_mnn(name, pconv, mlp, args.iters, args.warmup, args.img,
                                              args.budget or None)
             stage("mnn")
+    det_engines = results["settings"]["det_engines"]
+    for name in args.detector_names if det_engines else []:
+        log(f"{name}: build backbone forms at {args.det_img}²")
+        results["detectors"][name] = bench_model(
+            name, det_engines, threads[:1], args.iters, args.warmup, args.det_img, cache, only,
+            args.budget * DETECTOR_BUDGET_FACTOR or None, log=log, references=DETECTOR_REFERENCES)
+        stage("detectors")
+    for name in args.precision_names if set(engines) & set(PRECISION_TARGETS) else []:
+        log(f"{name}: int8 / fp16 / fp32 files")
+        results["precision"][name] = bench_precision(name, engines, threads[0], args.iters, args.warmup,
+                                                     args.img, cache, args.budget or None,
+                                                     parity_images=4 if args.quick else 16, log=log,
+                                                     only=args.precision_target_names)
+        stage("precision")
     if not args.no_ops:
         for t in threads:
             log(f"operator table, {t} thread(s)")

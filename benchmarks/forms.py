@@ -7,10 +7,12 @@ re-exporting; a change to models/ or export/ (or to a tool version) starts a fre
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from export.source import artifact_meta, build_models, form_tag, make_source, mo
 from models.errors import EdgeportError
 from models.inference import MLP_FORMS, PCONV_FORMS, to_inference
 from models.metrics import max_rel
+from runtime.atomic import write_json
 
 from .timing import interleaved, summarize
 
@@ -46,6 +49,7 @@ class Form:
     meta: dict
     macs: int = 0
     files: dict[str, Path] = field(default_factory=dict)  # engine → exported file
+    build: dict = field(default_factory=dict)  # what build_artifact reported (per-target records)
 
 
 def code_fingerprint() -> str:
@@ -100,23 +104,61 @@ def build_forms(model: str, img_size: int | None = None,
     return forms, skipped
 
 
+def reference_form(model: str, img_size: int | None = None) -> Form:
+    """`model`'s default form under its own name as tag: a line of another model's table (plain yolo11n
+    beside the zoo-backbone detectors), timed interleaved with that model's forms."""
+    source = make_source(model, img_size=img_size)
+    reference, inference, meta = build_models(source)
+    x = torch.zeros(1, 3, source["img_size"], source["img_size"])
+    return Form(model, meta["pconv"], meta["mlp"], inference, meta, macs=counted_macs(inference, x))
+
+
 TIMED_TARGETS = {"ort": "ort", "mnn": "mnn_fp32"}  # engine → the artifact target it times
+TIMED_TARGET_NAMES = tuple(TIMED_TARGETS.values())
+BUILD_RECORD = "bench_build.json"  # build_artifact's report, kept beside the cached files
 
 
-def export_form(form: Form, directory: Path) -> None:
-    """The timed targets' files (built like `make export` builds them), reused when present; built in a
-    temporary sibling and moved into place whole."""
-    files = {engine: directory / targets.get(name).file for engine, name in TIMED_TARGETS.items()}
+def export_form(form: Form, directory: Path, target_names=TIMED_TARGET_NAMES) -> dict[str, Path]:
+    """{target: file} of the named targets (built like `make export` builds them), reused when all are present;
+    built in a temporary sibling and moved into place whole. `form.build` gets build_artifact's report."""
+    files = {name: directory / targets.get(name).file for name in target_names}
     if not all(f.is_file() for f in files.values()):
         directory.parent.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
         try:
-            build_artifact(form.module, form.meta, build, tuple(TIMED_TARGETS.values()))
+            # every target already there is built again too: one directory, one build, one record
+            have = [t.name for t in targets.ARTIFACTS if (directory / t.file).is_file()]
+            record = build_artifact(form.module, form.meta, build, tuple(dict.fromkeys([*have, *target_names])))
+            write_json(build / BUILD_RECORD, record)
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(build, directory)
         finally:
             shutil.rmtree(build, ignore_errors=True)
-    form.files = files
+    try:
+        form.build = json.loads((directory / BUILD_RECORD).read_text())
+    except (OSError, ValueError):
+        form.build = {}
+    form.files.update({engine: files[name] for engine, name in TIMED_TARGETS.items() if name in files})
+    return files
+
+
+@contextmanager
+def export_root(cache: Path | None):
+    """Where exports go: cache/<code fingerprint>/ (older fingerprints pruned), or a temporary directory."""
+    if cache is None:
+        tmp = Path(tempfile.mkdtemp(prefix="edgeport-bench-"))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    fingerprint = code_fingerprint()
+    prune_cache(cache, keep=fingerprint)
+    yield Path(cache) / fingerprint
+
+
+def export_dir(root: Path, form: Form) -> Path:
+    return root / f"{form.meta['model']}-{form.meta['input_shape'][-1]}" / form.tag
 
 
 def runner(form: Form, engine: str, threads: int, x: np.ndarray):
@@ -132,17 +174,22 @@ def runner(form: Form, engine: str, threads: int, x: np.ndarray):
     return lambda: predictor.run(x)
 
 
+def torch_outputs(module: nn.Module, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    with torch.inference_mode():
+        out = module(torch.from_numpy(x))
+    return {n: o.numpy() for n, o in zip(names, out if isinstance(out, (tuple, list)) else [out])}
+
+
 def check_outputs(forms: list[Form], engines, x: np.ndarray) -> dict:
-    """{engine: {tag: max_rel of engine against torch}}: a form that computes something else is not timed
-    as if it were the same network."""
+    """{engine: {tag: max_rel of engine against torch, worst output}}: a form that computes something else is
+    not timed as if it were the same network."""
     errors = {}
     for form in forms:
-        with torch.inference_mode():
-            ref = form.module(torch.from_numpy(x)).numpy()
+        ref = torch_outputs(form.module, x, form.meta["output_names"])
         for engine in engines:
             if engine != "torch":
-                out = next(iter(runner(form, engine, 1, x)().values()))
-                errors.setdefault(engine, {})[form.tag] = max_rel(ref, out)
+                out = runner(form, engine, 1, x)()
+                errors.setdefault(engine, {})[form.tag] = max(max_rel(r, out[n]) for n, r in ref.items())
     return errors
 
 
@@ -161,25 +208,21 @@ def time_forms(forms: list[Form], engine: str, threads: int, x: np.ndarray, iter
 
 def bench_model(model: str, engines, threads, iters: int, warmup: int, img_size: int | None = None,
                 cache: Path | None = None, only: set[str] | None = None,
-                budget_s: float | None = None, log=print) -> dict:
+                budget_s: float | None = None, log=print, references: tuple[str, ...] = ()) -> dict:
     """One model's forms table: per engine, per thread count, per form tag: latency and ratio to baseline.
-    `budget_s` caps each (engine, threads) group's warm-up + rounds (see timing.interleaved)."""
+    `budget_s` caps each (engine, threads) group's warm-up + rounds (see timing.interleaved). `references`:
+    other models (default form, tagged by their name) timed in the same rounds, e.g. plain yolo11n."""
     clock = {"start": time.perf_counter()}
     forms, skipped = build_forms(model, img_size, only)
-    clock["build"] = time.perf_counter()
     size = forms[0].meta["input_shape"][-1]
-    tmp = None
-    if cache is None:
-        tmp = cache = Path(tempfile.mkdtemp(prefix="edgeport-bench-"))
-    try:
+    forms += [reference_form(name, size) for name in references]
+    clock["build"] = time.perf_counter()
+    with export_root(cache) as root:
         if any(e != "torch" for e in engines):
-            fingerprint = code_fingerprint()
-            if tmp is None:
-                prune_cache(cache, keep=fingerprint)
             for form in list(forms):
-                log(f"  export {model} {form.tag}")
+                log(f"  export {form.meta['model']} {form.tag}")
                 try:
-                    export_form(form, Path(cache) / fingerprint / f"{model}-{size}" / form.tag)
+                    export_form(form, export_dir(root, form))
                 except Exception as e:  # one broken form should not cost the others' numbers
                     if form is forms[0]:
                         raise
@@ -189,8 +232,9 @@ def bench_model(model: str, engines, threads, iters: int, warmup: int, img_size:
         x = sample_batch(forms[0].meta, n_images=1, n_random=0)  # a photo: realistic activations
         result = {
             "family": forms[0].module.default_cfg["family"], "img_size": size, "baseline": forms[0].tag,
-            "forms": {f.tag: {"pconv": f.pconv, "mlp": f.mlp, "macs": f.macs,
+            "forms": {f.tag: {"pconv": f.pconv, "mlp": f.mlp, "macs": f.macs, "model": f.meta["model"],
                               "params": sum(p.numel() for p in f.module.parameters())} for f in forms},
+            "references": list(references),
             "skipped": skipped, "max_rel_err": check_outputs(forms, engines, x), "timings": {},
         }
         clock["check"] = time.perf_counter()
@@ -200,9 +244,6 @@ def bench_model(model: str, engines, threads, iters: int, warmup: int, img_size:
                 rows = time_forms(forms, engine, t, x, iters, warmup, budget_s)
                 result["timings"].setdefault(engine, {})[str(t)] = rows
         clock["time"] = time.perf_counter()
-        stages = list(clock)
-        result["seconds"] = {b: round(clock[b] - clock[a], 1) for a, b in zip(stages, stages[1:])}
-        return result
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    stages = list(clock)
+    result["seconds"] = {b: round(clock[b] - clock[a], 1) for a, b in zip(stages, stages[1:])}
+    return result

@@ -153,17 +153,22 @@ def _threads_label(threads: str) -> str:
     return f"{threads} thread" + ("s" if threads != "1" else "")
 
 
-def forms_tables(results: dict) -> str:
+def forms_tables(by_model: dict) -> str:
+    """Per model and thread count: every form's latency and paired ratio to the baseline, per engine."""
     out = []
-    for name, r in results["models"].items():
+    for name, r in by_model.items():
         engines = list(r["timings"])
-        out.append(f"### {name} ({r['img_size']}², baseline `{r['baseline']}`)")
+        refs = [t for t in r.get("references", []) if t in r["forms"]]
+        out.append(f"### {name} ({r['img_size']}², baseline `{r['baseline']}`"
+                   + (f"; reference line: {', '.join(f'`{t}`' for t in refs)}, timed in the same rounds"
+                      if refs else "") + ")")
         for threads in next(iter(r["timings"].values())):
             header = ["form", "GMACs"] + [f"{ENGINE_NAMES[e]} {x}" for e in engines for x in ("ms", "× base")]
             best = {e: fastest(r["timings"][e][threads]) for e in engines}
             rows = []
             for tag, form in r["forms"].items():
-                row = [f"`{tag}`", f"{form['macs'] / 1e9:.3f}"]
+                label = f"`{tag}` (reference)" if tag in refs else f"`{tag}`"
+                row = [label, f"{form['macs'] / 1e9:.3f}"]
                 for e in engines:
                     t = r["timings"][e][threads][tag]
                     bold = "**" if tag == best[e] else ""
@@ -181,6 +186,38 @@ def forms_tables(results: dict) -> str:
                        + ", ".join(f"{k} {v:.2g}" for k, v in bad.items()))
         out.append("")
     return "\n".join(out)
+
+
+def _verdict_cell(row: dict) -> str:
+    """The parity gate `make export` applies to this file, and what int8's fallback kept in float."""
+    gates = ", ".join(f"{k} {'≥' if k in ('top1', 'cosine') else '≤'} {v:g}" for k, v in row["gates"].items())
+    worst = {}
+    for metrics in row["metrics"].values():
+        for k in row["gates"]:
+            if k in metrics and metrics[k] is not None:
+                worse = min if k in ("top1", "cosine") else max  # the worst output's value
+                worst[k] = worse(worst[k], metrics[k]) if k in worst else metrics[k]
+    seen = ", ".join(f"{k} {v:.3g}" for k, v in worst.items())
+    kept = row.get("kept_in_float")
+    kept_text = f"; {len(kept)} layer(s) kept in float" if kept else ""
+    if row["breaches"]:
+        return f"**FAILS its gate** ({gates}): {seen}{kept_text}"
+    return f"passes ({gates}): {seen}{kept_text}"
+
+
+def precision_tables(results: dict) -> str:
+    out = []
+    for name, r in results.get("precision", {}).items():
+        out.append(f"### {name} ({r['img_size']}², form `{r['form']}`, {_threads_label(str(r['threads']))})")
+        for engine, rows in r["timings"].items():
+            n = sorted({row["iters"] for row in rows.values()})
+            header = ["target", "file", "MB", "compute", "ms", "× fp32", "parity gate (as `make export`)"]
+            table = [[f"`{t}`", f"`{row['file']}`", f"{row['mb']:.1f}", row["compute"],
+                      f"{row['median_ms']:.2f}", _ratio(row), _verdict_cell(row)] for t, row in rows.items()]
+            out.append(f"\n{ENGINE_NAMES[engine]}, {n[0]}{'' if len(n) == 1 else f'–{n[-1]}'} rounds:\n\n"
+                       + _table(header, table))
+        out.append("")
+    return "\n".join(out) if out else "(not run)"
 
 
 def recommendation_table(rec: dict, results: dict) -> str:
@@ -338,7 +375,20 @@ def render(results: dict, rec: dict, plots: dict[str, str]) -> str:
         "Ratios below 1 are faster than the model's baseline (the `fc` MLP form; for FasterNet "
         "`split_cat-fc`). Bold: the fastest form per engine. `[p10–p90]` is the spread of the paired "
         "per-round ratio.\n",
-        forms_tables(results),
+        forms_tables(results["models"]),
+        "## Detectors: latency per backbone form against the fc variant",
+        "YOLO11n with a zoo backbone (features-only, P3/P4/P5), calibrated random weights, one bundled photo "
+        "letterboxed, 1 thread; boxes and scores decoded in the graph, NMS not timed. The baseline is the "
+        "backbone's fc MLP form (FasterNet: `split_cat-fc`); plain `yolo11n` (its own backbone) runs in the "
+        "same rounds as a reference line.\n",
+        forms_tables(results.get("detectors") or {}) or "(not run)",
+        "## Precision: int8 against fp32 and fp16 (host)",
+        "Each model's default form (`recommendation.json`), one build holding every file; per engine the files "
+        "run interleaved, ratio to the fp32 file. Gates are the targets' own (`export/targets.py`), judged "
+        "as `make export` judges them (`export.parity.run_parity`; int8 on held-out images). On x86 MNN has "
+        "no fp16 arithmetic: `model.fp16.mnn` is fp16-stored weights computed in fp32 — the ARM numbers "
+        "(`make arm-cost`) are where fp16 arithmetic shows.\n",
+        precision_tables(results),
         "## Recommendation (`recommendation.json`)",
         f"Export default (`by_model`): {rec['rule']}. Other cells: the fastest form and its ratio to the "
         "baseline.\n",

@@ -1,5 +1,7 @@
 """Benchmarks: interleaved timing and ratios on a fake clock, the recommendation file export reads, the seed
-verdicts, and one real quick run of the harness (tiny input, two forms, two rounds). No timing thresholds."""
+verdicts, the int8 / fp16 verdicts and ARM count ratios, and one real quick run of the harness (tiny inputs: a
+classifier's two forms, a detector's forms beside plain yolo11n, the precision files; two rounds). No timing
+thresholds."""
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +11,12 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import report, timing
+from benchmarks import precision, report, timing
 from benchmarks.__main__ import main
+from benchmarks.arm import cost
 from export import pipeline
 
+ALL_PRECISION = [t for group in precision.PRECISION_TARGETS.values() for t in group]
 ROW_KEYS = {"median_ms", "p10_ms", "p90_ms", "iters", "ratio", "ratio_p10", "ratio_p90", "gflops_per_s",
             "roof_fraction"}
 
@@ -155,8 +159,21 @@ def quick_run(tmp_path_factory):
     out, printed = tmp_path_factory.mktemp("bench"), io.StringIO()
     with contextlib.redirect_stdout(printed):
         rc = main(["--quick", "--models", "fasternet_t0", "--forms", "slicing-conv", "--threads", "1",
-                   "--out", str(out), "--cache", "none"])
+                   "--detectors", "none", "--out", str(out), "--cache", "none"])
     return rc, out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def detector_int8_run(tmp_path_factory):
+    """The minutes-long sections alone: a detector's forms beside plain yolo11n (calibrating a detector takes
+    ~45 s at any size) and the calibrated int8 files (their fallback search takes minutes)."""
+    out = tmp_path_factory.mktemp("bench-det")
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["--quick", "--models", "none", "--detectors", "yolo11n_inception_next_atto",
+                   "--precision-models", "fasternet_t0", "--precision-targets", ",".join(ALL_PRECISION),
+                   "--threads", "1", "--no-ops", "--out", str(out), "--cache", "none"])
+    assert rc == 0
+    return json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
 
 
 def test_quick_run_writes_results_report_plots_and_recommendation(quick_run):
@@ -187,6 +204,100 @@ def test_quick_run_writes_results_report_plots_and_recommendation(quick_run):
     assert rec["basis"]["fasternet_t0"]["engine"] == "mnn"
 
 
+@pytest.mark.slow
+def test_detector_forms_are_timed_against_fc_beside_plain_yolo11n(detector_int8_run):
+    results, md = detector_int8_run
+    r = results["detectors"]["yolo11n_inception_next_atto"]
+    assert r["baseline"] == "fc" and list(r["forms"]) == ["fc", "conv", "yolo11n"] and r["img_size"] == 128
+    assert r["forms"]["yolo11n"]["model"] == "yolo11n" and r["references"] == ["yolo11n"]
+    for engine in ("ort", "mnn"):
+        rows = r["timings"][engine]["1"]
+        assert set(rows) == {"fc", "conv", "yolo11n"} and rows["fc"]["ratio"] == 1.0
+    assert "torch" not in r["timings"]
+    # both outputs (boxes and scores) of every exported detector equal PyTorch's
+    assert all(err < 1e-3 for errs in r["max_rel_err"].values() for err in errs.values())
+    section = md.split("## Detectors")[1].split("\n## ")[0]
+    assert "### yolo11n_inception_next_atto (128², baseline `fc`" in section
+    assert "| `fc` |" in section and "| `conv` |" in section and "| `yolo11n` (reference) |" in section
+
+
+@pytest.mark.slow
+def test_int8_is_timed_against_fp32_and_fp16_with_gate_verdicts(detector_int8_run):
+    results, md = detector_int8_run
+    r = results["precision"]["fasternet_t0"]
+    assert {e: list(rows) for e, rows in r["timings"].items()} == precision.PRECISION_TARGETS
+    assert r["timings"]["mnn"]["mnn_int8"]["compute"] == "int8"
+    assert r["timings"]["mnn"]["mnn_int8"]["file"] == "model.int8.mnn"
+    assert r["timings"]["ort"]["ort_int8"]["file"] == "model.int8.onnx"
+    section = md.split("## Precision")[1].split("\n## ")[0]
+    for target in ALL_PRECISION:
+        assert f"| `{target}` |" in section
+
+
+def test_quick_run_times_fp16_and_int8_weight_files_against_fp32(quick_run):
+    _, out, _ = quick_run
+    r = json.loads((out / "results.json").read_text())["precision"]["fasternet_t0"]
+    assert {e: list(rows) for e, rows in r["timings"].items()} == {
+        "ort": ["ort"], "mnn": ["mnn_fp32", "mnn_fp16w", "mnn_int8w"]}  # --quick leaves calibrated int8 out
+    for rows in r["timings"].values():
+        base = next(iter(rows.values()))
+        assert base["ratio"] == 1.0 and base["compute"] == "fp32"
+        assert all(row["mb"] > 0 and isinstance(row["breaches"], list) and row["metrics"] for row in rows.values())
+    assert r["timings"]["mnn"]["mnn_fp16w"]["file"] == "model.fp16.mnn"
+    assert not r["timings"]["mnn"]["mnn_fp16w"]["breaches"]  # the fp16-weight file passes its parity gate
+    section = (out / "report.md").read_text().split("## Precision")[1].split("\n## ")[0]
+    for target in ("ort", "mnn_fp32", "mnn_fp16w", "mnn_int8w"):
+        assert f"| `{target}` |" in section
+    assert "(not run)" in (out / "report.md").read_text().split("## Detectors")[1].split("\n## ")[0]
+
+
+def test_detector_table_labels_the_reference_line():
+    rows = _rows({"fc": (1, 1, 1), "conv": (0.9, 0.8, 1.0), "yolo11n": (0.5, 0.4, 0.6)})
+    r = {"img_size": 640, "baseline": "fc", "references": ["yolo11n"], "skipped": {}, "max_rel_err": {},
+         "forms": {t: {"pconv": None, "mlp": t if t != "yolo11n" else None, "macs": 1e9} for t in rows},
+         "timings": {"ort": {"1": rows}, "mnn": {"1": rows}}}
+    md = report.forms_tables({"yolo11n_inception_next_atto": r})
+    assert "### yolo11n_inception_next_atto (640², baseline `fc`; reference line: `yolo11n`" in md
+    assert "| `fc` | 1.000 | 10.00 | 1.00 [1.00–1.00] |" in md and "| `yolo11n` (reference) |" in md
+
+
+def test_a_file_that_fails_its_gate_says_so():
+    row = {"gates": {"cosine": 0.99, "top1": 0.95}, "breaches": ["mnn_int8: top1 0.875 < 0.95"],
+           "metrics": {"logits": {"cosine": 0.996, "top1": 0.875}}, "kept_in_float": ["a", "b"]}
+    assert report._verdict_cell(row).startswith("**FAILS its gate**") and "top1 0.875" in report._verdict_cell(row)
+    assert "2 layer(s) kept in float" in report._verdict_cell(row)
+    assert report._verdict_cell({**row, "breaches": []}).startswith("passes")
+    parity = {"breaches": ["mnn_fp16w_low: max_rel 0.1 > 0.03", "mnn_fp16w[logits]: max_rel 0.2 > 0.01"]}
+    assert precision.target_breaches(parity, "mnn_fp16w") == ["mnn_fp16w[logits]: max_rel 0.2 > 0.01"]
+    assert precision.target_breaches(parity, "mnn_int8") == []
+
+
+def test_arm_cost_compares_int8_with_fp16_on_the_same_cpu(tmp_path, monkeypatch):
+    totals = {("neoverse-n1", "mnn_int8"): 40, ("neoverse-n1", "mnn_fp16w_low"): 50,
+              ("neoverse-n1", "mnn_low"): 80, ("cortex-a53", "mnn_fp32"): 100}
+    for tag in ("split_cat-fc", "slicing-conv"):
+        (tmp_path / tag).mkdir()
+        (tmp_path / tag / "model.mnn").write_bytes(b"")
+    monkeypatch.setattr(cost, "versions", lambda cache=None: {})
+    monkeypatch.setattr(cost, "read_metadata", lambda d: {"model": "m", "pconv": d.name.split("-")[0],
+                                                          "mlp": d.name.split("-")[1], "input_shape": [1, 3, 64, 64]})
+
+    def count(vdir, meta, cpu, target, repeat, cache):
+        n = totals[(cpu, target.name)]
+        return {"file": target.file, "counts": {k: n for k in cost.COUNT_KEYS}, "repeatable": True, "repeats": 1,
+                "first_counted_run": {}, "device": {"fp16": 1, "i8sdot": int(cpu == "neoverse-n1")},
+                "versions": {}}
+    monkeypatch.setattr(cost, "count_variant", count)
+    m = cost.cost_model(tmp_path, [f"{c}:{t}" for c, t in totals], only=["split_cat-fc"], log=lambda s: None)
+    int8 = next(r for r in m["rows"] if r["target"] == "mnn_int8")
+    assert {r["variant"] for r in m["rows"]} == {"split_cat-fc"}
+    assert int8["total_vs_targets_same_cpu"] == {"mnn_fp16w_low": 0.8, "mnn_low": 0.5}  # not cortex-a53's
+    assert int8["compute"] == "int8" and int8["img_size"] == 64
+    lines = cost.precision_lines(m["rows"])
+    assert any("mnn_int8 (int8, `model.int8.mnn`) = 0.800× mnn_fp16w_low" in line and "i8sdot 1" in line
+               for line in lines)
+
+
 def test_quick_run_prints_the_tables(quick_run):
     _, out, printed = quick_run
     assert "| `slicing-conv` |" in printed and "| shape | op |" in printed
@@ -204,7 +315,11 @@ def test_from_results_rewrites_outputs_without_measuring(quick_run, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [(["--engines", "tensorrt"], "unknown --engines tensorrt"),
                                            (["--models", "resnet50"], "unknown model 'resnet50'"),
-                                           (["--threads", "two"], "--threads two")])
+                                           (["--threads", "two"], "--threads two"),
+                                           (["--detectors", "yolo11z"], "unknown model 'yolo11z'"),
+                                           (["--det-img", "100"], "--det-img 100"),
+                                           (["--precision-targets", "trt_int8"],
+                                            "unknown --precision-targets trt_int8")])
 def test_cli_errors_are_one_line_exit_2(argv, message, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

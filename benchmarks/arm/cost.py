@@ -1,12 +1,15 @@
 """Deterministic aarch64 instruction counts per inference for each exported variant of a model.
 
     python -m benchmarks.arm.cost [MODEL_DIR ...] [--configs cortex-a53:mnn_fp32 neoverse-n1:mnn_fp16w_low]
+                                  [--variants TAG ...]
 
 A MODEL_DIR is artifacts/<model>/ whose form-tag subdirs (fc vs conv MLP, PConv forms, ...) hold the MNN
 targets' files (default: every artifacts/*/). Each variant is counted under each config (qemu -cpu : MNN target
 of export.targets, run at that target's precision) by the insncount TCG plugin: total and by class (load/store,
-SIMD/FP, other), as ratios to the variant with the fc MLP form, and to mnn_fp32 on the same CPU. Writes
-arm_cost.json and arm_cost.md under benchmarks/results/arm/.
+SIMD/FP, other), as ratios to the variant with the fc MLP form, and to every other target counted for the same
+variant on the same CPU (e.g. neoverse-n1:mnn_int8 against neoverse-n1:mnn_fp16w_low). Detector directories
+count like classifiers (the input is a letterboxed photo). Writes arm_cost.json and arm_cost.md under
+benchmarks/results/arm/.
 
 Instruction counts are a proxy, not latency.
 """
@@ -79,11 +82,17 @@ def ratio(a: dict, b: dict) -> dict:
     return {k: round(a[k] / b[k], 4) if b[k] else None for k in COUNT_KEYS}
 
 
-def cost_model(model_dir, configs=DEFAULT_CONFIGS, baseline=None, repeat=2, cache=None, log=print) -> dict:
+def cost_model(model_dir, configs=DEFAULT_CONFIGS, baseline=None, repeat=2, cache=None, log=print,
+               only=None) -> dict:
+    """`only`: the variant (form-tag dir) names to count, e.g. the baseline and one other of a detector."""
     model_dir = Path(model_dir)
     vdirs = variant_dirs(model_dir)
+    if only:
+        vdirs = [d for d in vdirs if d.name in only]
     if not vdirs:
-        raise EdgeportError(f"no <form-tag>/{FP32.file} under {model_dir}; export the model (make export)")
+        raise EdgeportError(f"no <form-tag>/{FP32.file} under {model_dir}"
+                            + (f" for variants {', '.join(only)}" if only else "")
+                            + "; export the model (make export)")
     host_versions = versions(cache)
     variants = []
     for vdir in vdirs:
@@ -100,7 +109,8 @@ def cost_model(model_dir, configs=DEFAULT_CONFIGS, baseline=None, repeat=2, cach
                 log(f"  {v['variant']:<24} {cpu:<12} {target.name:<14} no {target.file}: skipped")
                 continue
             row = {"variant": v["variant"], "pconv": v["pconv"], "mlp": v["mlp"], "cpu": cpu,
-                   "target": target.name, **res, "versions": {**host_versions, **res["versions"]}}
+                   "target": target.name, "compute": target.compute, "img_size": v["meta"]["input_shape"][-1],
+                   **res, "versions": {**host_versions, **res["versions"]}}
             rows.append(row)
             log(f"  {v['variant']:<24} {cpu:<12} {target.name:<14} {row['file']:<16} "
                 f"total {res['counts']['total']:>14,}  repeatable={res['repeatable']}")
@@ -111,6 +121,9 @@ def cost_model(model_dir, configs=DEFAULT_CONFIGS, baseline=None, repeat=2, cach
         fp32 = [x for x in rows if x["variant"] == r["variant"] and x["cpu"] == r["cpu"]
                 and x["target"] == FP32.name]
         r["ratio_to_fp32_same_cpu"] = ratio(r["counts"], fp32[0]["counts"]) if fp32 else None
+        r["total_vs_targets_same_cpu"] = {
+            x["target"]: round(r["counts"]["total"] / x["counts"]["total"], 4) for x in rows
+            if x is not r and x["variant"] == r["variant"] and x["cpu"] == r["cpu"] and x["counts"]["total"]}
     model = variants[0]["meta"].get("model") or model_dir.name
     return {"model": model, "dir": str(model_dir), "baseline": base["variant"], "rows": rows}
 
@@ -132,8 +145,21 @@ def markdown(report: dict) -> str:
         lines += markdown_table(["variant", "pconv", "mlp", "cpu", "target", "file", "total", "load/store",
                                  "SIMD/FP", "other", "×total vs baseline", "×load/store", "×SIMD/FP", "×other",
                                  "×total vs mnn_fp32", "repeatable"], rows, "llllllrrrrrrrrrl")
-        lines.append("")
+        lines += ["", *precision_lines(m["rows"]), ""]
     return "\n".join(lines)
+
+
+def precision_lines(rows: list[dict]) -> list[str]:
+    """Per variant and CPU, each target's total against the others counted there (int8 vs fp16 vs fp32), with
+    the CPU features MNN reported (i8sdot: the dot-product instructions its int8 kernels use)."""
+    out = []
+    for r in rows:
+        if r.get("total_vs_targets_same_cpu"):
+            features = ", ".join(f"{k} {v}" for k, v in r["device"].items() if k in ("fp16", "i8sdot", "i8mm"))
+            vs = ", ".join(f"{r['total_vs_targets_same_cpu'][t]:.3f}× {t}" for t in r["total_vs_targets_same_cpu"])
+            out.append(f"- `{r['variant']}` on {r['cpu']} ({features or 'features not reported'}): "
+                       f"{r['target']} ({r['compute']}, `{r['file']}`) = {vs}")
+    return out
 
 
 def default_model_dirs(root="artifacts") -> list[str]:
@@ -149,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default=None,
                    help="variant (form-tag dir) the ratios divide by (default: the fc MLP form)")
     p.add_argument("--repeat", type=int, default=2, help="count each config this many times (must agree)")
+    p.add_argument("--variants", nargs="+", help="only these variants (form-tag dirs), e.g. split_cat-fc")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "arm"))
     p.add_argument("--cache", default=None, help="ARM environment dir (default .cache/arm)")
     a = p.parse_args(argv)
@@ -160,7 +187,7 @@ def main(argv=None) -> int:
         for d in dirs:
             print(f"{d}:", flush=True)
             models.append(cost_model(d, a.configs, a.baseline, a.repeat, a.cache,
-                                     log=lambda s: print(s, flush=True)))
+                                     log=lambda s: print(s, flush=True), only=a.variants))
         report = {"note": PROXY_NOTE, "versions": versions(a.cache),
                   "input": "export.inputs.sample_batch(n_images=1, n_random=0): one photo through the "
                            "model's preprocessing, batch 1",

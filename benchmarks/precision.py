@@ -1,0 +1,76 @@
+"""int8 against fp32 and fp16 on the host: every precision target of a model's default form (export's
+`resolve_forms`), built by build_artifact into one directory, timed per engine with the files interleaved,
+each beside its parity verdict (export.parity.run_parity, the gate `make export` applies): a fast file that
+fails its gate says so."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import runtime
+from export import targets
+from export.inputs import sample_batch
+from export.parity import run_parity
+from export.pipeline import resolve_forms
+from export.source import build_models, form_tag, make_source
+
+from .forms import Form, export_dir, export_form, export_root
+from .timing import interleaved, summarize
+
+# engine → the targets it times, fp32 first (the baseline of the ratios). On x86, MNN's precision "low" runs
+# fp32 arithmetic: the fp16 file (fp32 arithmetic on fp16-stored weights) is the host's fp16 line.
+PRECISION_TARGETS = {"ort": ("ort", "ort_int8"), "mnn": ("mnn_fp32", "mnn_fp16w", "mnn_int8w", "mnn_int8")}
+
+
+def target_breaches(parity: dict, name: str) -> list[str]:
+    return [b for b in parity["breaches"] if b.startswith((f"{name}:", f"{name}["))]
+
+
+def bench_precision(model: str, engines, threads: int, iters: int, warmup: int, img_size: int | None = None,
+                    cache: Path | None = None, budget_s: float | None = None, parity_images: int = 16,
+                    log=print, only=None) -> dict:
+    """{"timings": {engine: {target: timing row + file, MB, compute, gate verdict, int8 layers kept in
+    float}}} for one model at `threads`. `only`: a subset of the targets (each engine's fp32 file stays)."""
+    clock = {"start": time.perf_counter()}
+    pconv, mlp, _ = resolve_forms(model, "auto", "auto")
+    source = make_source(model, img_size=img_size, pconv=pconv or "split_cat", mlp=mlp or "fc")
+    reference, inference, meta = build_models(source)
+    form = Form(form_tag(meta), meta["pconv"], meta["mlp"], inference, meta)
+    groups = {e: [t for i, t in enumerate(PRECISION_TARGETS[e]) if i == 0 or not only or t in only]
+              for e in engines if e in PRECISION_TARGETS}
+    names = [t for group in groups.values() for t in group]
+    clock["build"] = time.perf_counter()
+    with export_root(cache) as root:
+        directory = export_dir(root, form)
+        log(f"  export {model} {form.tag}: {', '.join(names)}")
+        files = export_form(form, directory, names)
+        clock["export"] = time.perf_counter()
+        log(f"  parity {model}: {len(names)} targets")
+        parity = run_parity(directory, reference, inference, meta, n_images=parity_images, bisect=False,
+                            write=False, target_names=names)
+        clock["parity"] = time.perf_counter()
+        x = sample_batch(meta, n_images=1, n_random=0)
+        records = form.build.get("records", {})
+        result = {"form": form.tag, "img_size": meta["input_shape"][-1], "threads": threads,
+                  "parity_inputs": parity["inputs"], "timings": {}}
+        for engine, group in groups.items():
+            log(f"  time {model} {engine} {threads} thread{'s' * (threads > 1)} ({len(group)} files × {iters})")
+            fns = {}
+            for name in group:
+                predictor = runtime.load(files[name], threads=threads, precision=targets.get(name).precision)
+                fns[name] = (lambda p: lambda: p.run(x))(predictor)
+            rows = summarize(interleaved(fns, iters=iters, warmup=warmup, max_seconds=budget_s),
+                             baseline=group[0])
+            for name, row in rows.items():
+                record = records.get(name, {})
+                row.update(file=files[name].name, mb=files[name].stat().st_size / 2**20,
+                           compute=targets.get(name).compute, gates=dict(targets.get(name).gates),
+                           breaches=target_breaches(parity, name),
+                           metrics=parity["results"].get(name, {}),
+                           kept_in_float=record.get("kept_in_float"),
+                           calibration=(record.get("calibration") or {}).get("source"))
+            result["timings"][engine] = rows
+        clock["time"] = time.perf_counter()
+    stages = list(clock)
+    result["seconds"] = {b: round(clock[b] - clock[a], 1) for a, b in zip(stages, stages[1:])}
+    return result
