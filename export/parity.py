@@ -133,11 +133,15 @@ def _worst_samples(ref: dict, out: dict, k: int) -> np.ndarray:
 def _bisect(backend: str, artifact_dir: Path, x, outputs, gates, reference, inference, budget) -> dict:
     from .bisect import bisect_onnx, bisect_torch
 
+    target = targets.get(backend)
     gate = gates[backend].get("max_rel")
+    if gate is None and "box_px" in gates[backend]:
+        # A detector is judged in pixels: its layers are bisected on the same error as a fraction of the input
+        # size (fp32 at 640²: 0.05 px → 7.8e-5; float32 noise inside yolo11n is ~1.3e-5 of a tensor's max).
+        gate = gates[backend]["box_px"] / max(x.shape[-2:])
     if gate is None:
         return {"found": False, "note": "no max_rel gate to bisect on"}
     worst = x[_worst_samples(outputs["reference"], outputs[backend], BISECT_SAMPLES)]
-    target = targets.get(backend)
     if target.bisect == "none":
         return {"found": False, "note": f"{backend} is not bisected: its producer already kept the most harmful "
                                         "layers in float (see the manifest's targets record)"}

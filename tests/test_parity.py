@@ -330,3 +330,14 @@ def test_a_reference_that_ignores_its_input_is_degenerate(tmp_path_factory):
             p.zero_()
     r = parity.run_parity(out, dead, None, meta, write=False, bisect=False)
     assert not r["passed"] and r["breaches"][0].startswith("reference:"), r["breaches"]
+
+
+def test_detector_breach_is_bisected_to_the_conv(tmp_path_factory, tmp_path):
+    """Detection gates are in pixels; bisection still names the layer, on the target's tensor gate."""
+    _, reference, inference, meta = built("yolo11n_fasternet_t0", tmp_path_factory, target_names=("ort",))
+    bad_inference, conv_name = _perturb_one_folded_conv(reference, inference)
+    out = export_artifact(tmp_path / "badfold", bad_inference, meta, ("ort",))
+    r = parity.run_parity(out, reference, bad_inference, meta)
+    assert any(b.startswith("torch_inference: box_px") for b in r["breaches"]), r["breaches"]
+    hit = r["bisection"]["torch_inference"]
+    assert hit["found"] and hit["module"] == conv_name, hit
