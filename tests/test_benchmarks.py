@@ -15,6 +15,7 @@ from benchmarks import precision, report, timing
 from benchmarks.__main__ import main
 from benchmarks.arm import cost
 from export import pipeline
+from models.errors import EdgeportError
 
 ALL_PRECISION = [t for group in precision.PRECISION_TARGETS.values() for t in group]
 ROW_KEYS = {"median_ms", "p10_ms", "p90_ms", "iters", "ratio", "ratio_p10", "ratio_p90", "gflops_per_s",
@@ -296,6 +297,17 @@ def test_arm_cost_compares_int8_with_fp16_on_the_same_cpu(tmp_path, monkeypatch)
     lines = cost.precision_lines(m["rows"])
     assert any("mnn_int8 (int8, `model.int8.mnn`) = 0.800× mnn_fp16w_low" in line and "i8sdot 1" in line
                for line in lines)
+
+
+def test_arm_cost_config_can_run_a_target_at_another_precision():
+    cpu, target = cost.parse_config("neoverse-n1:mnn_int8@low")
+    assert (cpu, target.name, target.file, target.precision, target.compute) == \
+        ("neoverse-n1", "mnn_int8@low", "model.int8.mnn", "low", "int8+fp16")
+    assert cost.parse_config("neoverse-n1:mnn_fp16w_low@low")[1].name == "mnn_fp16w_low"  # already low
+    with pytest.raises(EdgeportError, match="precision 'fp8'"):
+        cost.parse_config("neoverse-n1:mnn_int8@fp8")
+    with pytest.raises(EdgeportError, match="not an MNN target"):
+        cost.parse_config("neoverse-n1:ort_int8")
 
 
 def test_quick_run_prints_the_tables(quick_run):

@@ -2,6 +2,9 @@
 #   make arm-setup                      aarch64 CPython + MNN + TCG plugin under $(ARM_CACHE) (network, once)
 #   make arm  [ARM_DIRS="artifacts/m/tag ..."] [ARM_ARGS='--gates {"mnn_low": {"max_rel": 1e-2}}']      parity, judged as on the host
 #   make arm-cost [ARM_MODELS="artifacts/m ..."] [ARM_COST_ARGS=...]               instruction counts
+#     int8 against fp16 (export with --targets including mnn_int8, mnn_fp16w):
+#       ARM_COST_ARGS="--configs neoverse-n1:mnn_int8 neoverse-n1:mnn_fp16w_low neoverse-n1:mnn_low"
+#     a detector's baseline form only: ARM_MODELS=artifacts/yolo11n_fasternet_t0 ARM_COST_ARGS="--variants split_cat-fc"
 ARM_CACHE     ?= .cache/arm
 ARM_DIRS      ?=
 ARM_ARGS      ?=

@@ -19,6 +19,7 @@ import argparse
 import glob
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from export import targets
@@ -42,10 +43,19 @@ def variant_dirs(model_dir: Path) -> list[Path]:
 
 
 def parse_config(spec: str) -> tuple[str, targets.Target]:
+    """CPU:TARGET, or CPU:TARGET@low: the target's file run at MNN precision low instead of its own (e.g.
+    mnn_int8@low: int8 convolutions with every float op in fp16, which the registry does not ship)."""
     cpu, _, name = spec.partition(":")
+    name, _, precision = name.partition("@")
     target = targets.get(name or FP32.name)
     if target.engine != "mnn":
         raise EdgeportError(f"--configs {spec}: {target.name} is not an MNN target")
+    if precision and precision not in MNN_PRECISION:
+        raise EdgeportError(f"--configs {spec}: precision '{precision}'; use {' or '.join(MNN_PRECISION)}")
+    if precision and precision != target.precision:
+        compute = target.compute if target.compute != "fp32" else "fp16"
+        target = replace(target, name=f"{target.name}@{precision}", precision=precision,
+                         compute=f"{compute}+fp16" if compute == "int8" else compute)
     return cpu, target
 
 
