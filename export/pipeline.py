@@ -27,7 +27,7 @@ from ._console import Steps, make_console, redirect_fds
 from .build import LOG, build_artifact
 from .install import install, make_build_dir, remove_if_empty
 from .manifest import MANIFEST, file_entries, tool_versions, write_report
-from .source import build_models, form_tag, make_source
+from .source import ULTRALYTICS, build_models, form_tag, make_source
 
 RECOMMENDATION = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "recommendation.json"
 # Used without benchmarks/results/recommendation.json: split_cat ran 14–19 % faster than slicing (ORT, MNN).
@@ -138,7 +138,7 @@ def run_export(opts: ExportOptions, console: Console | None = None) -> dict:
     source = make_source(opts.model, opts.weights, opts.img_size, opts.batch, opts.dynamic_batch,
                          opts.features_only, pconv, mlp, opts.seed)
     out = Path(opts.out)
-    build = make_build_dir(out, opts.model)
+    build = make_build_dir(out, export_name(source))
     try:
         manifest, dest = _run_steps(opts, source, build, console, start, note)
         installed = install(build, dest, manifest["status"])
@@ -166,7 +166,8 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
     steps = Steps(console)
     reference, inference, meta = build_models(source, step=steps.step)
     tag = form_tag(meta)
-    console.print(f"[bold]{opts.model}[/bold] → {Path(opts.out) / opts.model / tag}  "
+    dest = Path(opts.out) / export_name(source) / tag
+    console.print(f"[bold]{opts.model}[/bold] → {dest}  "
                   f"(input {meta['input_shape']}, pconv={meta['pconv']}, mlp={meta['mlp']})")
     built = build_artifact(inference, meta, build, opts.targets, opset=opts.opset, exporter=opts.exporter,
                            simplifier=opts.simplifier, log=build / LOG, verbose=opts.verbose, calib_dir=opts.calib,
@@ -207,7 +208,17 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
         manifest["total_s"] = round(time.perf_counter() - start, 3)
         write_json(build / MANIFEST, manifest)
         write_report(build, manifest, parity.get("markdown"))
-    return manifest, Path(opts.out) / opts.model / tag
+    return manifest, dest
+
+
+def export_name(source: dict) -> str:
+    """The directory under --out that holds this export's form tags: the model name, or for an Ultralytics
+    checkpoint "<file stem>-<first 8 hex of its sha256>" (every trainer run writes a best.pt: one shared
+    "ultralytics" directory would let the second export replace the first). The full path and sha256 stay
+    in the manifest's source."""
+    if source["model"] == ULTRALYTICS:
+        return f"{Path(source['weights']).stem}-{source['weights_sha256'][:8]}"
+    return source["model"]
 
 
 def _ignored_options(opts: ExportOptions, meta: dict) -> list[str]:

@@ -505,49 +505,91 @@ class YOLO11(nn.Module):
 # Realistic random weights (a detector has no classifier for models.calibrate.scale_head to scale).
 
 @torch.no_grad()
-def make_realistic_detector(model: YOLO11, batches, seed: int = 0, box_std: float = 3.0, cls_std: float = 0.5,
-                            candidates: int = 100, conf: float = 0.25) -> YOLO11:
-    """`models.calibrate`'s random affines and BN calibration, then the head's last convs rescaled so DFL logits
-    have std `box_std` (peaked bin distributions, varied boxes) and class logits std `cls_std`, shifted so that
-    on the busiest calibration image `candidates` anchors score above `conf`. Random weights make the count very
-    uneven across photos (yolo11n_fasternet_t0 at 320², 16 photos, median-based: 0 to 400 candidates), so the
-    busiest one is what is bounded: below max_det after NMS (else near-tied scores decide the cut-off), with
-    most photos keeping a few to tens. cls_std 0.5 keeps top scores below float32's sigmoid saturation (1.0
-    ties). A random-init head gives near-equal bins and scores ≈ 0.5 everywhere, which hides decode and NMS
-    errors. Returns a new eval model."""
+def make_realistic_detector(model: YOLO11, batches, seed: int = 0, side_bins: tuple[float, float] = (4.0, 0.5),
+                            dfl_sigma: float = 0.8, cls_std: float = 0.5, candidates: int = 100,
+                            conf: float = 0.25) -> YOLO11:
+    """`models.calibrate`'s random affines and BN calibration, then the Detect head's last convs rebuilt to
+    produce what a trained head produces. Returns a new eval model.
+
+    Box branch: a trained DFL (Distribution Focal Loss, Li et al. 2020) puts each side's mass on the two bins
+    around the true distance, so its 16-bin distribution is unimodal. Random logits are multimodal instead:
+    two far-apart near-tied bins let a rounding-sized perturbation move the expectation by many bins × stride
+    (yolo11n_fasternet_t0's int8-weight file: 355 px). So per level and side s, a distance in bins
+    t_s = a·(|w_s|·f + b_s) + β (w_s, b_s: the side's first random row) drives the bin logits
+    ((k − c)·(t_s − c) − (k − c)²/2)/σ², σ = `dfl_sigma`: softmax_k ∝ exp(−(k − t_s)²/(2σ²)), expectation
+    ≈ t_s. Linear in t_s, hence plain conv weights; centring on c = side_bins[0] only drops terms independent
+    of k (softmax ignores them) and keeps the logits small for fp16 arithmetic. Every row of a side is a
+    multiple of |w_s|, so per-channel weight quantisation moves t_s, never the distribution's shape.
+    The conv reads SiLU outputs (≥ SILU_MIN) and |w_s| ≥ 0, so on any input t_s ≥ side_bins[1] (a trained
+    head's anchors lie inside their boxes; a signed random direction gave sides far below 0 and zero-width
+    boxes, whose IoU is undefined); a and β put the mean over the batches at side_bins[0].
+
+    Class branch: logits rescaled to std `cls_std` (top scores below float32's sigmoid saturation, 1.0 ties)
+    and shifted so that on the busiest calibration image `candidates` anchors score above `conf`. Random weights
+    make the count very uneven across photos (yolo11n_fasternet_t0 at 320², 16 photos: 0 to 400 candidates),
+    so the busiest one is what is bounded: below max_det after NMS (else near-tied scores decide the cut-off),
+    with most photos keeping a few to tens. A random-init head gives near-equal bins and scores ≈ 0.5
+    everywhere, which hides decode and NMS errors."""
     from .calibrate import _batches, calibrate_bn, randomize_affine
 
     xs = _batches(batches)
     model = calibrate_bn(randomize_affine(model, seed), xs)
     head = model.model[-1]
-    finals = [seq[-1] for seq in head.cv2] + [seq[-1] for seq in head.cv3]
-    outs = {id(m): [] for m in finals}
-    hooks = [m.register_forward_hook(lambda mod, a, out: outs[id(mod)].append(out.double()))
-             for m in finals]
+    seen = {id(seq[-1]): [] for seq in (*head.cv2, *head.cv3)}  # box convs: inputs; class convs: outputs
+    boxes = {id(seq[-1]) for seq in head.cv2}
+    hooks = [m.register_forward_hook(lambda mod, a, out: seen[id(mod)].append(
+        (a[0] if id(mod) in boxes else out).double())) for m in (seq[-1] for seq in (*head.cv2, *head.cv3))]
     try:
         for x in xs:
             model(x)
     finally:
         for h in hooks:
             h.remove()
+    for seq in head.cv2:
+        f_mean = torch.cat(seen[id(seq[-1])]).mean((0, 2, 3))
+        _gaussian_dfl_(seq[-1], f_mean, head.reg_max, *side_bins, dfl_sigma)
     best = []  # per level: [images, anchors] best class logit after rescaling
-    for m in finals:
-        y = torch.cat(outs[id(m)])  # [images, C, H, W]
-        is_box = m.out_channels == 4 * head.reg_max
+    for seq in head.cv3:
+        m = seq[-1]
+        y = torch.cat(seen[id(m)])  # [images, nc, H, W]
         mean, std = y.mean().item(), y.std().item()
         if not std > 0:
-            raise EdgeportError("make_realistic_detector: the head's outputs do not vary over the batches")
-        k = (box_std if is_box else cls_std) / std
+            raise EdgeportError("make_realistic_detector: the class logits do not vary over the batches")
+        k = cls_std / std
         m.weight.mul_(k)
         m.bias.copy_((m.bias - mean) * k)
-        if not is_box:
-            best.append(((y - mean) * k).amax(1).flatten(1))
+        best.append(((y - mean) * k).amax(1).flatten(1))
     best = torch.cat(best, 1)
     kth = best.topk(min(candidates, best.shape[1]), dim=1).values[:, -1]  # per image
     shift = math.log(conf / (1 - conf)) - kth.max().item() + 1e-3
     for seq in head.cv3:
         seq[-1].bias.add_(shift)
     return model.eval()
+
+
+SILU_MIN = -0.2784645427610738  # min of x·sigmoid(x), at x ≈ −1.2785
+
+
+def _gaussian_dfl_(conv: nn.Conv2d, f_mean: torch.Tensor, reg_max: int, mean: float, floor: float,
+                   sigma: float) -> None:
+    """Rewrite the box conv (4·reg_max outputs; f_mean: its inputs' channel means over the batches) in place:
+    each side's bins a discretised Gaussian of width `sigma` around t = a·(|w|·f + b) + β ≥ `floor`, mean
+    `mean` (w, b: the side's first row)."""
+    w = conv.weight.double().reshape(4, reg_max, -1)
+    b = conv.bias.double().reshape(4, reg_max)
+    k = torch.arange(reg_max, dtype=torch.float64) - mean  # k − c
+    new_w, new_b = [], []
+    for s in range(4):
+        u = w[s, 0].abs()
+        lowest, average = b[s, 0] + SILU_MIN * u.sum(), b[s, 0] + u @ f_mean  # of u·f + b
+        if not average - lowest > 0:
+            raise EdgeportError("make_realistic_detector: the box branch's features do not vary over the batches")
+        a = (mean - floor) / (average - lowest)
+        t0 = a * (b[s, 0] - lowest) + floor  # t = a·u·f + t0
+        new_w.append(k[:, None] / sigma ** 2 * (a * u))
+        new_b.append((k * (t0 - mean) - k ** 2 / 2) / sigma ** 2)
+    conv.weight.copy_(torch.cat(new_w).reshape(conv.weight.shape))
+    conv.bias.copy_(torch.cat(new_b))
 
 
 # ---------------------------------------------------------------------------------------------------------

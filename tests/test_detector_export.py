@@ -74,25 +74,40 @@ def test_detect_cli_no_detections_and_non_image(exported, tmp_path, capsys):
     assert "notes.jpg" in err and "\n" not in err
 
 
-def _ultralytics_ckpt(tmp_path, classes, edit_yaml=None):
+def _ultralytics_ckpt(tmp_path, classes, edit_yaml=None, name="best.pt", seed=0):
     from export.source import make_source
 
-    model = build_models(make_source("yolo11n", img_size=128))[0]  # calibrated on the photos at 128²
+    model = build_models(make_source("yolo11n", img_size=128, seed=seed))[0]  # calibrated on the photos at 128²
     if edit_yaml:
         edit_yaml(model.yaml)
-    path = tmp_path / "best.pt"
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     _save_like_ultralytics_trainer(model, path, classes)
     return path
 
 
 def test_export_an_ultralytics_checkpoint(tmp_path, fake_ultralytics):  # noqa: F811
-    path = _ultralytics_ckpt(tmp_path, fake_ultralytics)
-    # exit 1 allowed: parity of plain yolo11n on these calibrated weights is not yet within the fp32 gates
-    assert export_main([str(path), "--img-size", "128", "--out", str(tmp_path / "out"), "--targets", "ort"]) in (0, 1)
-    (d,) = (tmp_path / "out" / "ultralytics").glob("*/manifest.json")
-    manifest = json.loads(d.read_text())
-    assert manifest["source"]["model"] == "ultralytics" and manifest["source"]["weights"] == str(path)
-    assert manifest["metadata"]["names"][:2] == ["class0", "class1"]
+    from export.parity import main as parity_main
+    from export.source import sha256_file
+
+    # Two trainer runs each write a best.pt: each export gets its own <stem>-<sha8> directory.
+    paths = [_ultralytics_ckpt(tmp_path, fake_ultralytics, name=f"run{i}/weights/best.pt", seed=i) for i in (1, 2)]
+    out = tmp_path / "out"
+    for path in paths:
+        # exit 1 allowed: parity of plain yolo11n on these calibrated weights is not yet within the fp32 gates
+        assert export_main([str(path), "--img-size", "128", "--out", str(out), "--targets", "ort"]) in (0, 1)
+    dirs = {}
+    for path in paths:
+        sha = sha256_file(path)
+        (d,) = (out / f"best-{sha[:8]}").glob("*/manifest.json")
+        manifest = json.loads(d.read_text())
+        assert manifest["source"]["model"] == "ultralytics" and manifest["source"]["weights"] == str(path)
+        assert manifest["source"]["weights_sha256"] == sha
+        assert manifest["metadata"]["names"][:2] == ["class0", "class1"]
+        dirs[path] = d.parent
+    assert len(set(dirs.values())) == 2 and sorted(p.name for p in out.iterdir()) == sorted(
+        f"best-{sha256_file(p)[:8]}" for p in paths)
+    assert parity_main([str(dirs[paths[0]]), "--no-bisect"]) in (0, 1)  # the checker finds the checkpoint again
 
 
 def _one_line_exit_2(capsys, argv, tmp_path, want):

@@ -111,6 +111,72 @@ def test_bad_yaml_and_options_are_one_line_errors():
         YOLO11(scale="q")
 
 
+# --- realistic random weights ----------------------------------------------------------------------------
+
+def _dfl_logits(model, x) -> torch.Tensor:
+    """The box branch's DFL logits [N, 4 sides, 16 bins, A] over every level."""
+    head, logits = model.model[-1], []
+    hooks = [seq[-1].register_forward_hook(lambda m, a, out: logits.append(out.flatten(2))) for seq in head.cv2]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return torch.cat(logits, 2).double().unflatten(1, (4, head.reg_max))
+
+
+def _modes(logits: torch.Tensor) -> torch.Tensor:
+    """Local maxima of each side's bin distribution [N, 4, A] (a plateau of equal bins counts once)."""
+    d = torch.diff(logits.softmax(2), dim=2).sign()
+    d = torch.cat([torch.ones_like(d[:, :, :1]), d, -torch.ones_like(d[:, :, :1])], 2)
+    rising = d > 0
+    return (rising[:, :, :-1] & (d[:, :, 1:] < 0)).sum(2)
+
+
+@pytest.fixture(scope="module")
+def calibrated_detector():
+    from models.yolo11 import make_realistic_detector
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(6, 3, 128, 128, generator=g)
+    return make_realistic_detector(models.create_model("yolo11n"), [x], seed=0, side_bins=(4.0, 0.5),
+                                   dfl_sigma=0.8), x
+
+
+def test_calibrated_dfl_is_unimodal_and_its_expectation_tracks_t(calibrated_detector):
+    model, x = calibrated_detector
+    logits = _dfl_logits(model, x)
+    assert bool((_modes(logits) == 1).all())  # a trained DFL's mass sits on the bins around the distance
+    sigma, k = 0.8, torch.arange(16, dtype=torch.float64)[None, None, :, None]
+    t = sigma ** 2 * (logits[:, :, 1] - logits[:, :, 0]) + 0.5  # logit_k − logit_0 = (k·t − k²/2)/σ²
+    gauss = (-(k - t[:, :, None]) ** 2 / (2 * sigma ** 2)).softmax(2)
+    assert float((logits.softmax(2) - gauss).abs().max()) < 1e-4  # float32 logits
+    inside = (t > 1) & (t < 14)  # away from the ends, where the Gaussian is cut off
+    expectation = (logits.softmax(2) * k).sum(2)
+    assert float((expectation - t)[inside].abs().max()) < 0.05 and float(inside.double().mean()) > 0.8
+    assert abs(float(t.mean()) - 4.0) < 1e-3 and float(t.min()) >= 0.5 - 1e-4  # side_bins: mean, floor
+    assert float(t.std()) > 0.5  # boxes of varied sizes
+    noise = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3)) * 4 - 2  # far off the photos
+    assert float((sigma ** 2 * (_dfl_logits(model, noise).diff(dim=2)[:, :, 0]) + 0.5).min()) >= 0.5 - 1e-4
+
+
+def test_unimodality_check_catches_random_dfl_logits(calibrated_detector):
+    model, x = calibrated_detector
+    noisy = copy.deepcopy(model)
+    for seq in noisy.model[-1].cv2:  # the former construction: random rows scaled to std-3 logits
+        torch.nn.init.normal_(seq[-1].weight, std=0.3)
+    assert float((_modes(_dfl_logits(noisy, x)) > 1).double().mean()) > 0.3
+
+
+def test_calibrated_detector_scores_some_candidates(calibrated_detector):
+    model, x = calibrated_detector
+    with torch.no_grad():
+        boxes, scores = model(x)
+    best = scores.amax(-1)
+    assert int((best > 0.25).sum(1).max()) == 100  # the busiest image: `candidates` above conf
+    assert float(best.max()) < 1.0 and bool(torch.isfinite(boxes).all())
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------
 
 class _Evil:
