@@ -131,6 +131,15 @@ def resolve(args) -> tuple[list[str], list[int], list[str]]:
     return names, threads, engines
 
 
+def measured_at(before: dict | None = None) -> dict:
+    """When a section's model was measured and the load around it (sections can be re-run and merged alone)."""
+    from .timing import load_average
+
+    now = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load": load_average()}
+    return now if before is None else {"date": before["date"], "load_start": before["load"],
+                                       "load_end": now["load"]}
+
+
 def write_outputs(results: dict, out: Path) -> dict:
     """Derived numbers, recommendation, plots and report from the measurements; every file replaced whole."""
     from .plots import make_plots
@@ -221,16 +230,20 @@ def run(args, log) -> tuple[dict, Path]:
     det_engines = results["settings"]["det_engines"]
     for name in args.detector_names if det_engines else []:
         log(f"{name}: build backbone forms at {args.det_img}²")
+        before = measured_at()
         results["detectors"][name] = bench_model(
             name, det_engines, threads[:1], args.iters, args.warmup, args.det_img, cache, only,
             args.budget * DETECTOR_BUDGET_FACTOR or None, log=log, references=DETECTOR_REFERENCES)
+        results["detectors"][name]["measured"] = measured_at(before)
         stage("detectors")
     for name in args.precision_names if set(engines) & set(PRECISION_TARGETS) else []:
         log(f"{name}: int8 / fp16 / fp32 files")
+        before = measured_at()
         results["precision"][name] = bench_precision(name, engines, threads[0], args.iters, args.warmup,
                                                      args.img, cache, args.budget or None,
                                                      parity_images=4 if args.quick else 16, log=log,
                                                      only=args.precision_target_names)
+        results["precision"][name]["measured"] = measured_at(before)
         stage("precision")
     if not args.no_ops:
         for t in threads:

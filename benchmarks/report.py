@@ -153,6 +153,11 @@ def _threads_label(threads: str) -> str:
     return f"{threads} thread" + ("s" if threads != "1" else "")
 
 
+def _measured(r: dict) -> str:
+    m = r.get("measured")
+    return f"\n\nmeasured {m['date']}, load average {m['load_start']} → {m['load_end']}" if m else ""
+
+
 def forms_tables(by_model: dict) -> str:
     """Per model and thread count: every form's latency and paired ratio to the baseline, per engine."""
     out = []
@@ -161,7 +166,7 @@ def forms_tables(by_model: dict) -> str:
         refs = [t for t in r.get("references", []) if t in r["forms"]]
         out.append(f"### {name} ({r['img_size']}², baseline `{r['baseline']}`"
                    + (f"; reference line: {', '.join(f'`{t}`' for t in refs)}, timed in the same rounds"
-                      if refs else "") + ")")
+                      if refs else "") + ")" + _measured(r))
         for threads in next(iter(r["timings"].values())):
             header = ["form", "GMACs"] + [f"{ENGINE_NAMES[e]} {x}" for e in engines for x in ("ms", "× base")]
             best = {e: fastest(r["timings"][e][threads]) for e in engines}
@@ -208,7 +213,8 @@ def _verdict_cell(row: dict) -> str:
 def precision_tables(results: dict) -> str:
     out = []
     for name, r in results.get("precision", {}).items():
-        out.append(f"### {name} ({r['img_size']}², form `{r['form']}`, {_threads_label(str(r['threads']))})")
+        out.append(f"### {name} ({r['img_size']}², form `{r['form']}`, {_threads_label(str(r['threads']))})"
+                   + _measured(r))
         for engine, rows in r["timings"].items():
             n = sorted({row["iters"] for row in rows.values()})
             header = ["target", "file", "MB", "compute", "ms", "× fp32", "parity gate (as `make export`)"]
