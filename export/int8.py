@@ -69,11 +69,10 @@ def produce_ort_int8(ctx, target) -> None:
         def metrics_without(exclude):
             return _judge(target, ctx, outputs(quantised(exclude)))[0]
 
-        first = quantised([])
         layers = quantize.quantisable_nodes(float_model)
-        ranked = quantize.ort_layer_errors(float_model, first, x, layers)
         kept, metrics, breaches = quantize.fallback(
-            layers, metrics_without, lambda m: _judge_metrics(target, m), ranked=ranked)
+            layers, metrics_without, lambda m: _judge_metrics(target, m),
+            ranked=lambda: quantize.ort_layer_errors(float_model, quantised([]), x, layers))
         model = quantised(kept)
     set_metadata(model, {**ctx.meta, "precision": "int8"})
     write_atomic(ctx.path(target.file), model.SerializeToString())
@@ -93,20 +92,27 @@ def produce_mnn_int8(ctx, target) -> None:
     biz = metadata_json({**ctx.meta, "precision": "int8"})
     config = {"feature_quantize_method": ctx.int8_mnn_method}
 
+    on_disk = []
+
     def metrics_without(skip):
         quantize.mnn_int8(ctx.onnx_path, out, calib, biz, config, skip=skip, log_path=ctx.log)
+        on_disk[:] = [list(skip)]
         return _judge(target, ctx, _batched(runtime.load(out), x))[0]
 
     import onnx
 
     float_model = onnx.load(str(ctx.onnx_path))
     layers = quantize.quantisable_nodes(float_model)
-    ranked = quantize.ort_layer_errors(float_model, quantize.ort_int8(float_model, calib), x, layers)
     outputs_of = {n.name: n.output[0] for n in float_model.graph.node}  # MNN names ops by output tensor
+
+    def ranked():  # ONNX Runtime's one-pass ranking: MNN has no cheap per-layer probe
+        errors = quantize.ort_layer_errors(float_model, quantize.ort_int8(float_model, calib), x, layers)
+        return [(outputs_of[n], s) for n, s in errors]
+
     kept, metrics, breaches = quantize.fallback(
-        [outputs_of[n] for n in layers], metrics_without, lambda m: _judge_metrics(target, m),
-        ranked=[(outputs_of[n], s) for n, s in ranked])
-    metrics_without(kept)  # the file on disk is the chosen candidate
+        [outputs_of[n] for n in layers], metrics_without, lambda m: _judge_metrics(target, m), ranked=ranked)
+    if on_disk != [kept]:
+        metrics_without(kept)  # the file on disk is the chosen candidate
     _record(ctx, target, kept, metrics, breaches, info, method=config,
             int8_convolutions=len(quantize.mnn_int8_layers(out)["int8"]))
 

@@ -167,9 +167,12 @@ def rank_sensitivity(layers: Sequence[str], evaluate_without: Callable[[list[str
 
 
 def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict], breaches_of: Callable,
-             limit: float = FALLBACK_LIMIT, ranked: list[tuple[str, float]] | None = None
+             limit: float = FALLBACK_LIMIT,
+             ranked: list[tuple[str, float]] | Callable[[], list[tuple[str, float]]] | None = None
              ) -> tuple[list[str], dict, list[str]]:
     """Keep layers in float, most harmful first, until the gates pass or `limit` of `layers` are kept.
+    `ranked`: the order (or a function computing it, called only when the all-int8 candidate misses the gates);
+    default `rank_sensitivity`.
 
     Returns (layers kept in float, their metrics, breaches): the first candidate that passes, else the best
     one seen (possibly all-int8, with its breaches); an empty list when no fallback was needed."""
@@ -177,6 +180,7 @@ def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict
     breaches = breaches_of(metrics)
     if not breaches:
         return [], metrics, breaches
+    ranked = ranked() if callable(ranked) else ranked
     ranked = ranked or rank_sensitivity(layers, evaluate_without, metrics)
     most = max(1, int(limit * len(layers)))
     kept: list[str] = []
