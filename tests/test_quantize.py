@@ -132,6 +132,33 @@ def test_mnn_quantiser_failure_is_one_line_and_leaves_out_untouched(tmp_path, da
     assert out.read_bytes() == b"previous"
 
 
+def test_fitted_head_gives_trained_like_margins():
+    """models.calibrate.fit_head: held-out views of a class get its arg-max by a margin of several σ, where the
+    random head's top-1 is a near tie (the reason int8 flipped arg-maxes on synthetic weights)."""
+    from models.calibrate import fit_head, scale_head
+
+    net = nn.Sequential(*tiny_net()[:-1], nn.Linear(16, 100)).eval()
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((6, 3, 1, 1)).astype(np.float32)
+    views = lambda n: [torch.from_numpy(c + 0.5 * rng.standard_normal((n, 3, 32, 32), dtype=np.float32))
+                       for c in centres]
+
+    def margins(model, held_out):
+        logits = torch.cat([model(v) for v in held_out]).detach().numpy()
+        top = np.sort(logits, 1)
+        return (top[:, -1] - top[:, -2]) / logits.std(1), logits.argmax(1)
+
+    held_out = views(8)
+    random_head = scale_head(net, held_out)
+    fitted = scale_head(fit_head(net, views(16)), held_out)
+    before, _ = margins(random_head, held_out)
+    after, top1 = margins(fitted, held_out)
+    assert np.median(before) < 1.0 < 2.0 < np.median(after), (np.median(before), np.median(after))
+    assert (top1 == np.repeat(np.arange(6), 8)).mean() > 0.9  # the probe rows are the photos' classes
+    ratio = (fitted[-1].weight[6:] / random_head[-1].weight[6:]).detach().numpy()
+    np.testing.assert_allclose(ratio, ratio[0, 0], rtol=1e-4)  # the other rows: untouched, up to the scale
+
+
 # ---- calibration data ------------------------------------------------------------------------------------
 
 def test_calibration_and_evaluation_share_no_photo():
@@ -173,3 +200,36 @@ def test_bad_calib_directory_is_one_line_naming_the_fix(tmp_path, case):
 def gate(reference, candidate, label, classifier):
     """The int8 targets' gate, judged by export.parity.judge (the one parity definition)."""
     return judge(label, reference, candidate, dict(targets.INT8_GATES), classifier)
+
+
+# ---- through the export CLI ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def previous_export(tmp_path_factory):
+    """A finished export (fasternet_t0 at 64², float ONNX only) whose files a failing int8 run must not touch."""
+    from export.__main__ import main
+
+    out = tmp_path_factory.mktemp("export")
+    assert main(["fasternet_t0", "--img-size", "64", "--targets", "ort", "--no-parity", "--out", str(out)]) == 0
+    (folder,) = (p for p in (out / "fasternet_t0").iterdir() if p.is_dir())
+    return out, {p.name: p.read_bytes() for p in folder.iterdir()}, folder
+
+
+@pytest.mark.parametrize("case", ["quantiser_fails", "empty_calib"])
+def test_cli_int8_failure_is_one_line_exit_2_and_keeps_previous_artifacts(case, previous_export, tmp_path,
+                                                                          monkeypatch, capsys):
+    from export.__main__ import main
+
+    out, before, folder = previous_export
+    args = ["fasternet_t0", "--img-size", "64", "--no-parity", "--out", str(out)]
+    if case == "quantiser_fails":  # the child interpreter exits non-zero, as on MNN's crashes
+        monkeypatch.setattr(quantize, "_QUANT_CHILD", "import sys; sys.exit(3)")
+        args += ["--targets", "ort,mnn_int8"]
+    else:
+        args += ["--targets", "ort,ort_int8", "--calib", str(tmp_path)]
+    capsys.readouterr()
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("export: error:")
+    assert ("MNN int8 quantiser failed" if case == "quantiser_fails" else "holds no images") in error
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
