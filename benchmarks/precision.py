@@ -13,6 +13,7 @@ from export.inputs import sample_batch
 from export.parity import run_parity
 from export.pipeline import resolve_forms
 from export.source import build_models, form_tag, make_source
+from models.errors import EdgeportError
 
 from .forms import Form, export_dir, export_form, export_root
 from .timing import interleaved, summarize
@@ -24,6 +25,27 @@ PRECISION_TARGETS = {"ort": ("ort", "ort_int8"), "mnn": ("mnn_fp32", "mnn_fp16w"
 
 def target_breaches(parity: dict, name: str) -> list[str]:
     return [b for b in parity["breaches"] if b.startswith((f"{name}:", f"{name}["))]
+
+
+# A quantiser can fail on one network (MNN's crashed on inception_next_atto): drop these, in order, and rebuild.
+DROPPABLE = ("mnn_int8", "ort_int8")
+
+
+def build_dropping(form: Form, directory: Path, names: list[str], log=print) -> tuple[dict, dict]:
+    """({target: file}, {target: the build error that dropped it}): the build with every target, else without
+    the calibrated int8 targets one at a time (DROPPABLE order), so one quantiser's failure does not cost the
+    other files' numbers. A dropped target's error may be the other's when both fail: the message names it."""
+    failed = {}
+    while True:
+        try:
+            return export_form(form, directory, names), failed
+        except EdgeportError as e:
+            drop = next((t for t in DROPPABLE if t in names), None)
+            if drop is None:
+                raise
+            log(f"  build failed ({e}); again without {drop}")
+            failed[drop] = str(e)
+            names = [n for n in names if n != drop]
 
 
 def bench_precision(model: str, engines, threads: int, iters: int, warmup: int, img_size: int | None = None,
@@ -43,7 +65,9 @@ def bench_precision(model: str, engines, threads: int, iters: int, warmup: int, 
     with export_root(cache) as root:
         directory = export_dir(root, form)
         log(f"  export {model} {form.tag}: {', '.join(names)}")
-        files = export_form(form, directory, names)
+        files, failed = build_dropping(form, directory, names, log)
+        groups = {e: [t for t in group if t not in failed] for e, group in groups.items()}
+        names = [t for t in names if t not in failed]
         clock["export"] = time.perf_counter()
         log(f"  parity {model}: {len(names)} targets")
         parity = run_parity(directory, reference, inference, meta, n_images=parity_images, bisect=False,
@@ -52,7 +76,7 @@ def bench_precision(model: str, engines, threads: int, iters: int, warmup: int, 
         x = sample_batch(meta, n_images=1, n_random=0)
         records = form.build.get("records", {})
         result = {"form": form.tag, "img_size": meta["input_shape"][-1], "threads": threads,
-                  "parity_inputs": parity["inputs"], "timings": {}}
+                  "parity_inputs": parity["inputs"], "failed": failed, "timings": {}}
         for engine, group in groups.items():
             log(f"  time {model} {engine} {threads} thread{'s' * (threads > 1)} ({len(group)} files × {iters})")
             fns = {}

@@ -222,6 +222,8 @@ def precision_tables(results: dict) -> str:
                       f"{row['median_ms']:.2f}", _ratio(row), _verdict_cell(row)] for t, row in rows.items()]
             out.append(f"\n{ENGINE_NAMES[engine]}, {n[0]}{'' if len(n) == 1 else f'–{n[-1]}'} rounds:\n\n"
                        + _table(header, table))
+        if r.get("failed"):
+            out.append("\nnot built: " + "; ".join(f"`{t}` ({why})" for t, why in r["failed"].items()))
         out.append("")
     return "\n".join(out) if out else "(not run)"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,3 +339,21 @@ def test_cli_errors_are_one_line_exit_2(argv, message, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_precision_drops_a_failing_quantiser_and_keeps_the_other_files(monkeypatch):
+    built = []
+
+    def export_form(form, directory, names):
+        built.append(list(names))
+        if "mnn_int8" in names:
+            raise EdgeportError("MNN int8 quantiser failed (exit -11)")
+        return {n: directory / n for n in names}
+    monkeypatch.setattr(precision, "export_form", export_form)
+    files, failed = precision.build_dropping(None, Path("d"), ["ort", "ort_int8", "mnn_fp32", "mnn_int8"],
+                                             log=lambda s: None)
+    assert list(files) == ["ort", "ort_int8", "mnn_fp32"] and list(failed) == ["mnn_int8"]
+    assert "exit -11" in failed["mnn_int8"] and len(built) == 2
+    r = {"form": "conv", "img_size": 224, "threads": 1, "failed": failed, "timings": {}}
+    assert "not built: `mnn_int8` (MNN int8 quantiser failed (exit -11))" in report.precision_tables(
+        {"precision": {"inception_next_atto": r}})
