@@ -394,7 +394,7 @@ def render(results: dict, rec: dict, plots: dict[str, str]) -> str:
         "Each model's default form (`recommendation.json`), one build holding every file; per engine the files "
         "run interleaved, ratio to the fp32 file. Gates are the targets' own (`export/targets.py`), judged "
         "as `make export` judges them (`export.parity.run_parity`; int8 on held-out images). On x86 MNN has "
-        "no fp16 arithmetic: `model.fp16.mnn` is fp16-stored weights computed in fp32 — the ARM numbers "
+        "no fp16 arithmetic: the `mnn_fp16w` file stores fp16 weights and computes in fp32 — the ARM numbers "
         "(`make arm-cost`) are where fp16 arithmetic shows.\n",
         precision_tables(results),
         "## Recommendation (`recommendation.json`)",
