@@ -5,22 +5,25 @@ the board runs).
     check_detection_gates(metrics, gates, label) -> breach lines
 
 A detection whose score lies within SCORE_MARGIN of the threshold, or whose suppression hinged on an IoU within
-IOU_MARGIN of the NMS threshold, may legitimately appear on one side only: it counts as `borderline`, not as
-`unmatched` (the raw score and box errors are gated on their own).
+IOU_MARGIN of the NMS threshold or on a score order within SCORE_MARGIN, may legitimately appear on one side
+only: it counts as `borderline`, not as `unmatched`. Two overlapping anchors whose scores tie within
+SCORE_MARGIN may also trade places (each side keeps the other one): such a pair is `swapped`, and its IoU is
+the two anchors' overlap, not an error, so it is left out of min_iou (the raw score and box errors of every
+anchor are gated on their own).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from models.metrics import check_gates
-from runtime.detect import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, box_iou, nms
+from runtime.detect import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, box_iou, nms_anchors
 
 SCORE_MARGIN = 0.01
 IOU_MARGIN = 0.02
 PAIR_IOU = 0.5  # below this two boxes are different objects, not one detection moved
 BOX_SCORE_FLOOR = 0.01  # box errors are judged on anchors some class scores at least this high
 
-METRICS = ("box_px", "box_px_all", "score", "unmatched", "class_mismatch", "min_iou", "borderline")
+METRICS = ("box_px", "box_px_all", "score", "unmatched", "class_mismatch", "min_iou", "borderline", "swapped")
 
 
 def detection_gates(target: str, gates: dict | None = None) -> dict:
@@ -56,6 +59,30 @@ def _borderline(det, other_dets, conf, iou) -> bool:
     return False
 
 
+class _Side:
+    """One image's outputs on one side: its NMS result as anchors (`keep`) and rows (`dets`)."""
+
+    def __init__(self, boxes, scores, conf, iou, max_det):
+        self.boxes = np.asarray(boxes, np.float64)
+        keep, self.best, self.cls = nms_anchors(boxes, scores, conf, iou, max_det)
+        self.keep = keep.tolist()
+        self.dets = np.concatenate([self.boxes[keep], self.best[keep, None].astype(np.float64),
+                                    self.cls[keep, None].astype(np.float64)], 1)
+
+    def tied(self, a: int, b: int) -> bool:
+        return abs(float(self.best[a]) - float(self.best[b])) <= SCORE_MARGIN
+
+    def suppressed_by_tie(self, anchor: int, iou: float, traded: set) -> bool:
+        """This side dropped `anchor` for a kept same-class box overlapping it near or above the NMS threshold
+        whose score ties with it, or which itself traded places with a tied anchor."""
+        rivals = [k for k in self.keep if k != anchor and self.cls[k] == self.cls[anchor]]
+        if not rivals:
+            return False
+        overlap = box_iou(self.boxes[anchor][None], self.boxes[rivals])[0]
+        return any(o > iou - IOU_MARGIN and (self.tied(k, anchor) or k in traded)
+                   for k, o in zip(rivals, overlap))
+
+
 def compare_detections(ref: dict, out: dict, meta: dict | None = None) -> dict:
     """Metrics of a candidate's detector outputs against the reference's, over the batch.
 
@@ -78,23 +105,31 @@ def compare_detections(ref: dict, out: dict, meta: dict | None = None) -> dict:
     m = {"box_px": float(box_err[scored].max()) if scored.any() else 0.0,
          "box_px_all": float(box_err.max()) if box_err.size else 0.0,
          "score": score_err, "detections_ref": 0, "detections_out": 0, "matched": 0, "unmatched": 0,
-         "borderline": 0, "class_mismatch": 0, "min_iou": 1.0, "nan_inf": 0 if finite else 1,
+         "borderline": 0, "swapped": 0, "class_mismatch": 0, "min_iou": 1.0, "nan_inf": 0 if finite else 1,
          "nms": {"conf": conf, "iou": iou, "max_det": max_det}}
     for n in range(rb.shape[0]):
-        rd = nms(rb[n], rs[n], conf, iou, max_det).astype(np.float64)
-        od = nms(np.nan_to_num(ob[n]), np.nan_to_num(os_[n]), conf, iou, max_det).astype(np.float64)
+        ref_side = _Side(rb[n], rs[n], conf, iou, max_det)
+        out_side = _Side(np.nan_to_num(ob[n]), np.nan_to_num(os_[n]), conf, iou, max_det)
+        rd, od = ref_side.dets, out_side.dets
         pairs = _pair(rd, od)
+        swapped = [(i, j) for i, j, _ in pairs if ref_side.keep[i] != out_side.keep[j]
+                   and (ref_side.tied(ref_side.keep[i], out_side.keep[j])
+                        or out_side.tied(ref_side.keep[i], out_side.keep[j]))]
+        traded = {a for i, j in swapped for a in (ref_side.keep[i], out_side.keep[j])}
         m["detections_ref"] += len(rd)
         m["detections_out"] += len(od)
         m["matched"] += len(pairs)
+        m["swapped"] += len(swapped)
         m["class_mismatch"] += int(sum(rd[i, 5] != od[j, 5] for i, j, _ in pairs))
-        if pairs:
-            m["min_iou"] = min(m["min_iou"], min(p[2] for p in pairs))
+        ious = [v for i, j, v in pairs if (i, j) not in swapped]
+        if ious:
+            m["min_iou"] = min(m["min_iou"], min(ious))
         lone_ref = set(range(len(rd))) - {i for i, _, _ in pairs}
         lone_out = set(range(len(od))) - {j for _, j, _ in pairs}
-        for dets, others, lone in ((rd, od, lone_ref), (od, rd, lone_out)):
+        for side, other, lone in ((ref_side, out_side, lone_ref), (out_side, ref_side, lone_out)):
             for k in lone:
-                if _borderline(dets[k], others, conf, iou):
+                if _borderline(side.dets[k], other.dets, conf, iou) or \
+                        other.suppressed_by_tie(side.keep[k], iou, traded):
                     m["borderline"] += 1
                 else:
                     m["unmatched"] += 1

@@ -75,6 +75,14 @@ def nms(boxes: np.ndarray, scores: np.ndarray, conf: float = DEFAULT_CONF, iou: 
     Ultralytics' default NMS: each anchor's best class, kept if its score > conf; greedy, class-aware (a box only
     suppresses boxes of its own class) at IoU > iou; at most MAX_NMS candidates and max_det results."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    keep, best, cls = nms_anchors(boxes, scores, conf, iou, max_det)
+    return np.concatenate([boxes[keep], best[keep, None], cls[keep, None].astype(np.float32)], 1)
+
+
+def nms_anchors(boxes: np.ndarray, scores: np.ndarray, conf: float = DEFAULT_CONF, iou: float = DEFAULT_IOU,
+                max_det: int = DEFAULT_MAX_DET) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`nms` as anchor indices: (kept anchors best first, each anchor's best score, each anchor's class)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     scores = np.asarray(scores, np.float32).reshape(len(boxes), -1)
     cls = scores.argmax(1)
     best = scores[np.arange(len(scores)), cls]
@@ -90,8 +98,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, conf: float = DEFAULT_CONF, iou: 
             overlaps = box_iou(boxes[idx[:1]], boxes[idx[1:]])[0]
             idx = idx[1:][overlaps <= iou]
     keep = np.asarray(keep, dtype=np.int64)
-    keep = keep[np.argsort(-best[keep], kind="stable")][:max_det]
-    return np.concatenate([boxes[keep], best[keep, None], cls[keep, None].astype(np.float32)], 1)
+    return keep[np.argsort(-best[keep], kind="stable")][:max_det], best, cls
 
 
 def to_original(dets: np.ndarray, lb: Letterbox) -> np.ndarray:

@@ -89,6 +89,22 @@ def test_compare_detections_same_outputs_pass_and_defects_breach():
     assert (m["unmatched"], m["borderline"]) == (0, 1)
 
 
+
+def test_tied_overlapping_boxes_may_trade_places_but_a_real_move_may_not():
+    # Anchors 0 and 1: one object seen twice (IoU 0.82 > the NMS threshold), same class, scores tied within
+    # 5e-4; anchor 2 is another object.
+    boxes = np.array([[[0, 0, 100, 100], [5, 5, 105, 105], [60, 60, 160, 160]]], np.float32)
+    ref = {"boxes": boxes, "scores": np.array([[[0.5005], [0.5000], [0.3]]], np.float32)}
+    out = {"boxes": boxes.copy(), "scores": np.array([[[0.5000], [0.5005], [0.3]]], np.float32)}
+    m = compare_detections(ref, out, {})
+    assert (m["swapped"], m["unmatched"], m["min_iou"]) == (1, 0, 1.0), m
+    assert check_detection_gates(m, detection_gates("mnn_fp16w"), "mnn_fp16w") == []  # score error 5e-4 ok
+    # The same trade with scores 0.2 apart is not a tie: the kept box moved by 5 px, and that is an error.
+    ref["scores"][0, 0, 0], out["scores"][0, 1, 0] = 0.9, 0.9
+    m = compare_detections(ref, out, {})
+    assert m["swapped"] == 0 and m["min_iou"] < 0.9
+    assert any("min_iou" in x for x in check_detection_gates(m, detection_gates("mnn_fp16w"), "mnn_fp16w"))
+
 # --- CLI on a hand-built ONNX "detector": 3 fixed boxes whose scores are the image's mean brightness ----------
 
 @pytest.fixture(scope="module")
