@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlp", default="auto", choices=("auto", *MLP_FORMS),
                    help="pointwise MLP / SE form (default auto: see forms below)")
     p.add_argument("--targets", type=_csv(tuple(t.name for t in targets.ARTIFACTS)),
-                   default=targets.DEFAULT_TARGETS,
-                   help="comma-separated artifact targets (default: " + ",".join(targets.DEFAULT_TARGETS) + ")")
+                   help="comma-separated artifact targets (default: " + ",".join(targets.DEFAULT_TARGETS)
+                        + "; a detector leaves out " + ",".join(sorted(set(targets.DEFAULT_TARGETS)
+                                                                      - set(targets.default_targets("detection"))))
+                        + ")")
     p.add_argument("--calib", metavar="DIR",
                    help="int8 targets: calibrate on these images (recursively; 300+ like the deployment's "
                         "recommended; default: the bundled sample photos, augmented, which is weaker)")

@@ -70,8 +70,9 @@ CLASS_VIEWS = 8  # augmented views per bundled photo that the synthetic head's p
 
 def class_views(meta: dict, n: int = CLASS_VIEWS, seed: int = 0) -> list[np.ndarray]:
     """One (n, 3, H, W) float32 batch of augmented views per bundled photo (every photo a class): what
-    models.calibrate.fit_head trains a synthetic classifier's probe rows on (make_realistic's class_views). Only augmented views (never the
-    photo itself), from their own random stream: no tensor equals a calibration or evaluation input."""
+    models.calibrate.fit_head trains a synthetic classifier's probe rows on (make_realistic's class_views).
+    Only augmented views (never the photo itself), from their own random stream: no tensor equals a
+    calibration or evaluation input."""
     rng = np.random.default_rng([2, seed])
     return [np.stack([preprocess(augment(img, rng), meta)[0] for _ in range(n)]).astype(np.float32)
             for _, img in sample_images()]

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -43,7 +43,7 @@ class ExportOptions:
     dynamic_batch: bool = False
     pconv: str = "auto"
     mlp: str = "auto"
-    targets: tuple[str, ...] = targets.DEFAULT_TARGETS
+    targets: tuple[str, ...] | None = None  # None: the model's defaults (export.targets.default_targets)
     calib: str | None = None
     int8_mnn: str = "KL"
     opset: int = onnx_export.DEFAULT_OPSET
@@ -89,11 +89,11 @@ def resolve_forms(model: str, pconv: str, mlp: str, path: Path = RECOMMENDATION)
 
 def _check_options(opts: ExportOptions) -> None:
     onnx_export.check_options(opts.opset, opts.exporter, opts.simplifier)
-    targets.select(opts.targets)
+    targets.select(opts.targets or targets.DEFAULT_TARGETS)
     if opts.calib is not None:
         from .calibration import image_files
 
-        int8 = [t for t in opts.targets if targets.get(t).compute == "int8"]
+        int8 = [t for t in opts.targets or () if targets.get(t).compute == "int8"]
         if not int8:
             raise EdgeportError("--calib is only used by int8 targets; add --targets ...,ort_int8,mnn_int8 or drop it")
         image_files(opts.calib)  # a missing, empty or image-free directory fails here, before any work
@@ -169,6 +169,7 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
     dest = Path(opts.out) / export_name(source) / tag
     console.print(f"[bold]{opts.model}[/bold] → {dest}  "
                   f"(input {meta['input_shape']}, pconv={meta['pconv']}, mlp={meta['mlp']})")
+    opts = replace(opts, targets=opts.targets or targets.default_targets(meta["task"]))
     built = build_artifact(inference, meta, build, opts.targets, opset=opts.opset, exporter=opts.exporter,
                            simplifier=opts.simplifier, log=build / LOG, verbose=opts.verbose, calib_dir=opts.calib,
                            int8_mnn_method=opts.int8_mnn, step=steps.step)

@@ -140,8 +140,9 @@ def test_fitted_head_gives_trained_like_margins():
     net = nn.Sequential(*tiny_net()[:-1], nn.Linear(16, 100)).eval()
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((6, 3, 1, 1)).astype(np.float32)
-    views = lambda n: [torch.from_numpy(c + 0.5 * rng.standard_normal((n, 3, 32, 32), dtype=np.float32))
-                       for c in centres]
+    def views(n):
+        return [torch.from_numpy(c + 0.5 * rng.standard_normal((n, 3, 32, 32), dtype=np.float32))
+                for c in centres]
 
     def margins(model, held_out):
         logits = torch.cat([model(v) for v in held_out]).detach().numpy()

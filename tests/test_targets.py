@@ -49,3 +49,11 @@ def test_no_other_module_lists_the_artifact_files():
             if pattern.search(code):
                 offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+def test_a_detector_default_export_leaves_out_what_cannot_meet_detection_gates():
+    assert targets.default_targets() == targets.DEFAULT_TARGETS
+    detection = targets.default_targets("detection")
+    assert "mnn_int8w" in targets.DEFAULT_TARGETS and "mnn_int8w" not in detection
+    assert set(detection) == {n for n in targets.DEFAULT_TARGETS if targets.get(n).for_detectors}
+    assert {"ort", "mnn_fp32", "mnn_fp16w"} <= set(detection)
