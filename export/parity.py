@@ -430,13 +430,16 @@ def to_markdown(result: dict) -> str:
     detections = {b: r["detections"] for b, r in result["results"].items() if "detections" in r}
     if detections:
         lines += ["", "Detections (gated: box error in input pixels over anchors scoring ≥ 0.01, score error, "
-                  "after NMS: unmatched detections, class mismatches, min IoU of matched pairs):", ""]
+                  "after NMS: unmatched detections, class mismatches, min IoU of matched pairs; not gated: "
+                  "borderline = on one side only because of a score or IoU within 0.01 / 0.02 of an NMS "
+                  "threshold or of a rival's score, swapped = two overlapping anchors with tied scores kept the "
+                  "other way round):", ""]
         lines += markdown_table(
-            ["target", "box_px", "score", "ref dets", "matched", "unmatched", "borderline", "class ≠", "min IoU",
-             "gate"],
+            ["target", "box_px", "score", "ref dets", "matched", "unmatched", "borderline", "swapped", "class ≠",
+             "min IoU", "gate"],
             [[b, _fmt(m["box_px"]), _fmt(m["score"]), str(m["detections_ref"]), str(m["matched"]),
-              str(m["unmatched"]), str(m["borderline"]), str(m["class_mismatch"]), f"{m['min_iou']:.4f}",
-              gate_text(result["gates"][b])] for b, m in detections.items()])
+              str(m["unmatched"]), str(m["borderline"]), str(m.get("swapped", 0)), str(m["class_mismatch"]),
+              f"{m['min_iou']:.4f}", gate_text(result["gates"][b])] for b, m in detections.items()])
     for backend, why in result["skipped"].items():
         lines.append(f"\nSkipped {backend}: {why}.")
     for note in result["notes"]:
