@@ -135,7 +135,8 @@ def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.D
         final = onnx_export.simplify(exported, simplifier)
     with step("graph lint"):
         hist_raw, hist = graph.op_histogram(exported), graph.op_histogram(final)
-        warnings = graph.lint(hist, meta.get("pconv"), meta.get("mlp"), meta["input_shape"][0] == -1)
+        warnings = graph.lint(hist, meta.get("pconv"), meta.get("mlp"), meta["input_shape"][0] == -1,
+                              meta.get("task", "classification"))
     with step("ONNX metadata + save"):
         onnx_export.set_metadata(final, meta)
         onnx.save_model(final, str(ctx.onnx_path))

@@ -12,18 +12,20 @@ def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def lint(histogram: dict[str, int], pconv: str | None, mlp: str | None, dynamic_batch: bool = False):
+def lint(histogram: dict[str, int], pconv: str | None, mlp: str | None, dynamic_batch: bool = False,
+         task: str = "classification"):
     """Warnings (list of str) for ops that betray a slow or unintended form.
 
     Only `slicing` PConv may scatter (ScatterND is its in-place slice write); the conv MLP must not permute
-    (Transpose is the NHWC round trip of the fc form); after simplification with a static shape, Gather/Shape
-    only survive when some shape arithmetic was not folded.
+    (Transpose is the NHWC round trip of the fc form; a detector's head transposes by design: DFL bins,
+    attention, anchors-last outputs); after simplification with a static shape, Gather/Shape only survive
+    when some shape arithmetic was not folded.
     """
     warnings = []
     if pconv not in (None, "slicing") and histogram.get("ScatterND"):
         n = histogram["ScatterND"]
         warnings.append(f"{n} ScatterND with pconv={pconv} (expected none; slicing leaked?)")
-    if mlp == "conv" and histogram.get("Transpose"):
+    if mlp == "conv" and task != "detection" and histogram.get("Transpose"):
         n = histogram["Transpose"]
         warnings.append(f"{n} Transpose with mlp=conv (expected none; NHWC permute leaked?)")
     if not dynamic_batch:

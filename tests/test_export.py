@@ -53,6 +53,8 @@ def test_lint_flags_the_slicing_scatter_and_the_fc_transpose(tmp_path):
     warnings = graph.lint(sliced, "split_cat", "conv")  # what a mislabelled form would look like
     assert any("ScatterND" in w for w in warnings) and any("Transpose" in w for w in warnings)
     assert graph.lint(sliced, "slicing", "fc") == []  # ...and what the honest label allows
+    detector = graph.lint({"Transpose": 5}, "split_cat", "conv", task="detection")  # DFL, attention, outputs
+    assert detector == [] and graph.lint({"Transpose": 5}, "split_cat", "conv")
 
 
 def test_op_histogram_order_is_stable():
