@@ -357,3 +357,15 @@ def test_precision_drops_a_failing_quantiser_and_keeps_the_other_files(monkeypat
     r = {"form": "conv", "img_size": 224, "threads": 1, "failed": failed, "timings": {}}
     assert "not built: `mnn_int8` (MNN int8 quantiser failed (exit -11))" in report.precision_tables(
         {"precision": {"inception_next_atto": r}})
+
+
+def test_arm_parity_row_of_a_detector_shows_what_it_is_judged_on():
+    from benchmarks.arm.parity import format_row
+    from export.detection_parity import detection_gates
+
+    det = {"box_px": 17.75, "score": 0.0408}
+    row = {"target": "mnn_low", "file": "model.mnn", "cpu": "neoverse-n1", "compute": "fp16", "reference": "pytorch",
+           "max_rel": 0.041, "top1": None, "metrics": {"boxes": {"max_rel": 0.02}, "detections": det},
+           "gates": detection_gates("mnn_low"), "passed": False}
+    line = format_row(row)
+    assert "17.8px" in line and "0.041" in line and "score ≤ 0.02" in line and "max_rel" not in line

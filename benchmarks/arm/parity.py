@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from export import targets
+from export.detection_parity import detection_gates
 from export.parity import judge, merge_gates, reference_outputs
 from models.errors import EdgeportError
 from runtime.atomic import write_json
@@ -114,9 +115,11 @@ def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names
             metrics, breaches = judge(target.name, ref, run.outputs, gates[target.name], classifier, meta)
             raw = [m for m in metrics.values() if "max_rel" in m]  # a detector's "detections" entry has none
             worst = max(raw, key=lambda m: m["max_rel"]) if raw else {}
+            judged = detection_gates(target.name, gates[target.name]) if "detections" in metrics \
+                else gates[target.name]
             row = {"target": target.name, "file": target.file, "cpu": cpu, "precision": target.precision,
                    "compute": compute, "device": run.device, "reference": ref_name, "metrics": metrics,
-                   "max_rel": worst.get("max_rel"), "top1": worst.get("top1"), "gates": gates[target.name],
+                   "max_rel": worst.get("max_rel"), "top1": worst.get("top1"), "gates": judged,
                    "breaches": breaches, "passed": not breaches,
                    "emulated_seconds": round(time.perf_counter() - t0, 2)}
             rows.append(row)
@@ -132,7 +135,7 @@ def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names
 
 
 HEADER = f"{'target':<14} {'file':<16} {'cpu':<12} {'compute':<7} {'reference':<11} {'max_rel':>9} {'top1':>5}  " \
-         "gate"
+         "gate   (detectors: box px in the max_rel column, score error in the top1 column)"
 
 
 def format_row(r: dict) -> str:
@@ -140,6 +143,9 @@ def format_row(r: dict) -> str:
 
     top1 = "-" if r["top1"] is None else f"{r['top1']:.2f}"
     err = "-" if r["max_rel"] is None else f"{r['max_rel']:.2e}"
+    det = r["metrics"].get("detections")
+    if det:  # a detector is judged on these, not on max_rel
+        err, top1 = f"{det['box_px']:.3g}px", f"{det['score']:.2g}"
     return (f"{r['target']:<14} {r['file']:<16} {r['cpu']:<12} {r['compute']:<7} {r['reference']:<11} "
             f"{err:>9} {top1:>5}  {gate_text(r['gates'])}  {'ok' if r['passed'] else 'FAIL'}")
 
