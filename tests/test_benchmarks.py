@@ -369,3 +369,11 @@ def test_arm_parity_row_of_a_detector_shows_what_it_is_judged_on():
            "gates": detection_gates("mnn_low"), "passed": False}
     line = format_row(row)
     assert "17.8px" in line and "0.041" in line and "score ≤ 0.02" in line and "max_rel" not in line
+
+
+def test_arm_parity_refuses_an_unknown_target_in_one_line(capsys, tmp_path):
+    from benchmarks.arm.parity import main as arm_parity_main
+
+    assert arm_parity_main(["--targets", "mnn_fp32", str(tmp_path)]) == 2  # the dir swallowed by --targets
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and str(tmp_path) in err and "after --" in err

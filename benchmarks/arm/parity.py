@@ -171,6 +171,11 @@ def main(argv=None) -> int:
         from export.parity import _load_gates
 
         gates = _load_gates(a.gates)
+        known = [t.name for t in targets.ARTIFACTS if t.engine == "mnn"]
+        unknown = [n for n in a.targets or () if n not in known]
+        if unknown:
+            raise EdgeportError(f"--targets {' '.join(unknown)}: not an MNN target ({', '.join(known)}); "
+                                "artifact dirs go before --targets, or after --")
         dirs = a.dirs or default_dirs()
         if not dirs:
             raise EdgeportError("no artifact dir with a .mnn under artifacts/; run `make export` or pass one")
