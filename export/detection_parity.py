@@ -4,12 +4,13 @@ the board runs).
     compare_detections(ref, out, meta) -> metrics    ref/out: {"boxes": [N, A, 4], "scores": [N, A, nc]}
     check_detection_gates(metrics, gates, label) -> breach lines
 
-A detection whose score lies within SCORE_MARGIN of the threshold, or whose suppression hinged on an IoU within
-IOU_MARGIN of the NMS threshold or on a score order within SCORE_MARGIN, may legitimately appear on one side
-only: it counts as `borderline`, not as `unmatched`. Two overlapping anchors whose scores tie within
-SCORE_MARGIN may also trade places (each side keeps the other one): such a pair is `swapped`, and its IoU is
+A detection whose score lies within the score margin of the threshold, or whose suppression hinged on an IoU
+within IOU_MARGIN of the NMS threshold or on a score order within the score margin, may legitimately appear on
+one side only: it counts as `borderline`, not as `unmatched`. Two overlapping anchors whose scores tie within
+the margin may also trade places (each side keeps the other one): such a pair is `swapped`, and its IoU is
 the two anchors' overlap, not an error, so it is left out of min_iou (the raw score and box errors of every
-anchor are gated on their own).
+anchor are gated on their own). The score margin is the target's own score gate (at least SCORE_MARGIN): a
+target allowed to move scores by e cannot be asked to order, or threshold, scores closer than e.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 from models.metrics import check_gates
 from runtime.detect import DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET, box_iou, nms_anchors
 
-SCORE_MARGIN = 0.01
+SCORE_MARGIN = 0.01  # the least score margin, for targets whose score gate is tighter (fp32)
 IOU_MARGIN = 0.02
 PAIR_IOU = 0.5  # below this two boxes are different objects, not one detection moved
 BOX_SCORE_FLOOR = 0.01  # box errors are judged on anchors some class scores at least this high
@@ -49,10 +50,10 @@ def _pair(ref_dets, out_dets):
     return pairs
 
 
-def _borderline(det, other_dets, conf, iou) -> bool:
-    if abs(det[4] - conf) <= SCORE_MARGIN:
+def _borderline(det, other_dets, conf, iou, margin) -> bool:
+    if abs(det[4] - conf) <= margin:
         return True
-    rivals = other_dets[(other_dets[:, 5] == det[5]) & (other_dets[:, 4] >= det[4] - SCORE_MARGIN)]
+    rivals = other_dets[(other_dets[:, 5] == det[5]) & (other_dets[:, 4] >= det[4] - margin)]
     if len(rivals):
         overlap = box_iou(det[None, :4], rivals[:, :4]).max()
         return abs(overlap - iou) <= IOU_MARGIN
@@ -62,7 +63,8 @@ def _borderline(det, other_dets, conf, iou) -> bool:
 class _Side:
     """One image's outputs on one side: its NMS result as anchors (`keep`) and rows (`dets`)."""
 
-    def __init__(self, boxes, scores, conf, iou, max_det):
+    def __init__(self, boxes, scores, conf, iou, max_det, margin):
+        self.margin = margin
         self.boxes = np.asarray(boxes, np.float64)
         keep, self.best, self.cls = nms_anchors(boxes, scores, conf, iou, max_det)
         self.keep = keep.tolist()
@@ -70,7 +72,7 @@ class _Side:
                                     self.cls[keep, None].astype(np.float64)], 1)
 
     def tied(self, a: int, b: int) -> bool:
-        return abs(float(self.best[a]) - float(self.best[b])) <= SCORE_MARGIN
+        return abs(float(self.best[a]) - float(self.best[b])) <= self.margin
 
     def suppressed_by_tie(self, anchor: int, iou: float, traded: set) -> bool:
         """This side dropped `anchor` for a kept same-class box overlapping it near or above the NMS threshold
@@ -83,13 +85,16 @@ class _Side:
                    for k, o in zip(rivals, overlap))
 
 
-def compare_detections(ref: dict, out: dict, meta: dict | None = None) -> dict:
+def compare_detections(ref: dict, out: dict, meta: dict | None = None, score_margin: float = SCORE_MARGIN
+                       ) -> dict:
     """Metrics of a candidate's detector outputs against the reference's, over the batch.
 
     box_px: max |Δ| of box coordinates (input pixels) over anchors whose reference scores reach BOX_SCORE_FLOOR;
     box_px_all over every anchor; score: max |Δ| of scores. After NMS (conf, iou, max_det from meta's
     "nms" entry or runtime.detect's defaults): matched, unmatched (either side), borderline, class_mismatch and
-    min_iou over matched pairs (1.0 when there are none)."""
+    min_iou over matched pairs (1.0 when there are none). `score_margin`: the target's score gate (module doc);
+    below SCORE_MARGIN it is SCORE_MARGIN."""
+    margin = max(SCORE_MARGIN, float(score_margin))
     settings = (meta or {}).get("nms") or {}
     conf = float(settings.get("conf", DEFAULT_CONF))
     iou = float(settings.get("iou", DEFAULT_IOU))
@@ -106,10 +111,10 @@ def compare_detections(ref: dict, out: dict, meta: dict | None = None) -> dict:
          "box_px_all": float(box_err.max()) if box_err.size else 0.0,
          "score": score_err, "detections_ref": 0, "detections_out": 0, "matched": 0, "unmatched": 0,
          "borderline": 0, "swapped": 0, "class_mismatch": 0, "min_iou": 1.0, "nan_inf": 0 if finite else 1,
-         "nms": {"conf": conf, "iou": iou, "max_det": max_det}}
+         "nms": {"conf": conf, "iou": iou, "max_det": max_det}, "score_margin": margin}
     for n in range(rb.shape[0]):
-        ref_side = _Side(rb[n], rs[n], conf, iou, max_det)
-        out_side = _Side(np.nan_to_num(ob[n]), np.nan_to_num(os_[n]), conf, iou, max_det)
+        ref_side = _Side(rb[n], rs[n], conf, iou, max_det, margin)
+        out_side = _Side(np.nan_to_num(ob[n]), np.nan_to_num(os_[n]), conf, iou, max_det, margin)
         rd, od = ref_side.dets, out_side.dets
         pairs = _pair(rd, od)
         swapped = [(i, j) for i, j, _ in pairs if ref_side.keep[i] != out_side.keep[j]
@@ -128,7 +133,7 @@ def compare_detections(ref: dict, out: dict, meta: dict | None = None) -> dict:
         lone_out = set(range(len(od))) - {j for _, j, _ in pairs}
         for side, other, lone in ((ref_side, out_side, lone_ref), (out_side, ref_side, lone_out)):
             for k in lone:
-                if _borderline(side.dets[k], other.dets, conf, iou) or \
+                if _borderline(side.dets[k], other.dets, conf, iou, margin) or \
                         other.suppressed_by_tie(side.keep[k], iou, traded):
                     m["borderline"] += 1
                 else:

@@ -206,8 +206,9 @@ def _judge_detection(target, ref, out, gates, meta):
     if missing:
         return {}, [f"{target}: output '{n}' missing" for n in missing]
     metrics = {n: compare(r, out[n], classifier=False) for n, r in ref.items()}
-    metrics["detections"] = compare_detections(ref, out, meta)
-    return metrics, check_detection_gates(metrics["detections"], detection_gates(target, gates), target)
+    gates = detection_gates(target, gates)
+    metrics["detections"] = compare_detections(ref, out, meta, score_margin=gates.get("score", 0.0))
+    return metrics, check_detection_gates(metrics["detections"], gates, target)
 
 
 def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict | None = None,
@@ -431,9 +432,9 @@ def to_markdown(result: dict) -> str:
     if detections:
         lines += ["", "Detections (gated: box error in input pixels over anchors scoring ≥ 0.01, score error, "
                   "after NMS: unmatched detections, class mismatches, min IoU of matched pairs; not gated: "
-                  "borderline = on one side only because of a score or IoU within 0.01 / 0.02 of an NMS "
-                  "threshold or of a rival's score, swapped = two overlapping anchors with tied scores kept the "
-                  "other way round):", ""]
+                  "borderline = on one side only because of a score or IoU within the target's score gate "
+                  "(≥ 0.01) / 0.02 of an NMS threshold or of a rival's score, swapped = two overlapping anchors "
+                  "with tied scores kept the other way round):", ""]
         lines += markdown_table(
             ["target", "box_px", "score", "ref dets", "matched", "unmatched", "borderline", "swapped", "class ≠",
              "min IoU", "gate"],

@@ -69,8 +69,15 @@ def _gates(**limits) -> Mapping[str, float]:
 # weights with a Gaussian DFL head: 0.002–0.009 px, scores ≤ 8.5e-5; ARM cortex-a53 0.005 px).
 DET_FP32 = _gates(box_px=0.05, score=1e-4, min_iou=0.99, unmatched=0, class_mismatch=0)
 # fp16: set from fp16-stored weights on x86 (then 16.4 px, score 0.011 with the former multimodal DFL head; now
-# 1.9–4.2 px). Not tightened: fp16 arithmetic (precision low, neoverse-n1) measured 18.2 px, score 0.086.
+# 1.9–4.2 px, scores ≤ 0.017).
 DET_FP16 = _gates(box_px=20.0, score=2e-2, min_iou=0.95, unmatched=0, class_mismatch=0)
+# fp16 arithmetic (precision low on ARMv8.2+): 3x DET_FP16's score gate, the ratio classifiers use (max_rel 1e-2
+# → 3e-2); box and IoU gates unchanged. Rounding every activation to fp16 alone, accumulating in fp32 (PyTorch,
+# yolo11n_fasternet_t0 640², parity set), already moves scores by 0.022; MNN's fp16 kernels also accumulate in
+# fp16. The wider score gate also widens the borderline margin (export.detection_parity). Set before measuring;
+# MNN on neoverse-n1 then missed it (scores 0.098 on yolo11n_fasternet_t0's second photo set, 0.22 on
+# yolo11n_inception_next_atto), so the precision-low targets are not in a detector's default export.
+DET_FP16_ARITH = _gates(box_px=20.0, score=6e-2, min_iou=0.95, unmatched=0, class_mismatch=0)
 # int8: set before measuring, not loosened after. int8-stored weights miss it on both detectors (71 / 146 px):
 # per-channel int8 weights alone, simulated in PyTorch, put 17 % relative error on the neck output, so
 # mnn_int8w is not in a detector's default export (for_detectors=False; --targets still builds and judges it).
@@ -91,10 +98,10 @@ TARGETS: tuple[Target, ...] = (
            detection_gates=DET_INT8, for_detectors=False),
     Target("mnn_low", "model.mnn", "mnn", "low", "mnn_fp32", _gates(max_rel=3e-2),
            "MNN, fp32 file with precision='low' (fp16 arithmetic on ARMv8.2+; fp32 on x86)", compute="fp16",
-           gelu=EXACT_GELU, detection_gates=DET_FP16),
+           gelu=EXACT_GELU, detection_gates=DET_FP16_ARITH, for_detectors=False),
     Target("mnn_fp16w_low", "model.fp16.mnn", "mnn", "low", "mnn_fp16w", _gates(max_rel=3e-2),
            "MNN, fp16-stored weights with precision='low' (fp16 arithmetic on ARMv8.2+)", compute="fp16",
-           gelu="tanh", detection_gates=DET_FP16),
+           gelu="tanh", detection_gates=DET_FP16_ARITH, for_detectors=False),
 )
 def _int8(kind: str):
     def produce(ctx, target: Target) -> None:

@@ -89,6 +89,26 @@ def test_compare_detections_same_outputs_pass_and_defects_breach():
     assert (m["unmatched"], m["borderline"]) == (0, 1)
 
 
+def test_borderline_margin_is_the_targets_score_gate():
+    """A detection that fell 0.04 below the threshold: unmatched for a target whose scores may move by 0.02 at
+    most (fp16 weights), borderline for one allowed 0.06 (fp16 arithmetic), judged through export.parity.judge."""
+    from export.parity import judge
+
+    ref = {"boxes": np.array([[[0, 0, 10, 10], [100, 100, 120, 130]]], np.float32),
+           "scores": np.array([[[0.9, 0.0], [0.0, 0.27]]], np.float32)}
+    out = {"boxes": ref["boxes"].copy(), "scores": ref["scores"].copy()}
+    out["scores"][0, 1, 1] = 0.23
+    meta = {"task": "detection"}
+    strict = judge("mnn_fp16w", ref, out, {}, False, meta)
+    loose = judge("mnn_low", ref, out, {}, False, meta)
+    assert (strict[0]["detections"]["unmatched"], strict[0]["detections"]["borderline"]) == (1, 0)
+    assert any("unmatched" in b for b in strict[1]) and any("score" in b for b in strict[1])
+    assert (loose[0]["detections"]["unmatched"], loose[0]["detections"]["borderline"]) == (0, 1)
+    assert loose[1] == []
+    out["scores"][0, 1, 1] = 0.15  # 0.12 off: beyond any fp16 gate, a lost detection however it is counted
+    assert judge("mnn_low", ref, out, {}, False, meta)[1]
+
+
 
 def test_tied_overlapping_boxes_may_trade_places_but_a_real_move_may_not():
     # Anchors 0 and 1: one object seen twice (IoU 0.82 > the NMS threshold), same class, scores tied within

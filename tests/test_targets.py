@@ -57,3 +57,21 @@ def test_a_detector_default_export_leaves_out_what_cannot_meet_detection_gates()
     assert "mnn_int8w" in targets.DEFAULT_TARGETS and "mnn_int8w" not in detection
     assert set(detection) == {n for n in targets.DEFAULT_TARGETS if targets.get(n).for_detectors}
     assert {"ort", "mnn_fp32", "mnn_fp16w"} <= set(detection)
+    assert not {"mnn_low", "mnn_fp16w_low"} & set(detection)  # fp16 arithmetic misses DET_FP16_ARITH on ARM
+
+
+def test_arm_parity_runs_the_targets_an_export_shipped(tmp_path):
+    """A detector's default export ships model.mnn without promising precision='low' on it: the ARM harness
+    must judge what the manifest lists, not every target whose file happens to be there."""
+    import json
+
+    from benchmarks.arm.parity import mnn_targets
+
+    for name in ("model.mnn", "model.fp16.mnn"):
+        (tmp_path / name).write_bytes(b"")
+    every = {t.name for t in mnn_targets(tmp_path)}
+    assert every == {"mnn_fp32", "mnn_fp16w", "mnn_low", "mnn_fp16w_low"}
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"export": {"targets": list(targets.default_targets("detection"))}}))
+    assert {t.name for t in mnn_targets(tmp_path)} == {"mnn_fp32", "mnn_fp16w"}
+    assert [t.name for t in mnn_targets(tmp_path, ["mnn_low"])] == ["mnn_low"]  # --targets still reaches it

@@ -24,10 +24,10 @@ import numpy as np
 
 from export import targets
 from export.detection_parity import detection_gates
-from export.parity import judge, merge_gates, reference_outputs
+from export.parity import judge, manifest_targets, merge_gates, reference_outputs
 from models.errors import EdgeportError
 from runtime.atomic import write_json
-from runtime.cli import OneLineParser
+from runtime.cli import OneLineParser, int_in
 from runtime.engines import stdout_silenced
 
 from .run import guest_infer, versions
@@ -83,13 +83,17 @@ def reference_for(d: Path, x: np.ndarray, meta: dict) -> tuple[dict, str]:
 
 
 def mnn_targets(d: Path, names=None) -> list:
-    """The MNN targets whose file is in `d` (those named, if `names`)."""
+    """The MNN targets whose file is in `d`: those named, if `names`; else those its manifest says were exported
+    (a detector's default export leaves out targets that share a file with one it ships); else every one."""
+    manifest = d / "manifest.json"
+    if names is None and manifest.is_file():
+        names = manifest_targets(json.loads(manifest.read_text()))
     found = [t for t in targets.ARTIFACTS if t.engine == "mnn" and (d / t.file).is_file()]
     return [t for t in found if names is None or t.name in names]
 
 
 def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names=None, gates=None,
-              n_images=3, n_random=1, cache=None, log=print) -> dict:
+              n_images=3, n_random=1, cache=None, log=print, seed: int = 0) -> dict:
     """Run the ARM parity matrix for one artifact dir; returns the report (also written to arm_parity.json)."""
     from export.inputs import sample_batch
 
@@ -99,7 +103,7 @@ def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names
         raise EdgeportError(f"no MNN target file in {d}; export the model first (make export)")
     gates = merge_gates(gates)
     meta = read_metadata(d)
-    x = sample_batch(meta, n_images=n_images, n_random=n_random)
+    x = sample_batch(meta, n_images=n_images, n_random=n_random, seed=seed)
     classifier = meta.get("task", "classification") == "classification"
     ref, ref_name = reference_for(d, x, meta)
     rows, guest_versions, by_run = [], {}, {}
@@ -125,7 +129,7 @@ def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names
             rows.append(row)
             log(format_row(row))
     report = {"dir": str(d), "model": meta.get("model"), "task": meta.get("task"), "reference": ref_name,
-              "inputs": f"export.inputs.sample_batch(n_images={n_images}, n_random={n_random}, seed=0)",
+              "inputs": f"export.inputs.sample_batch(n_images={n_images}, n_random={n_random}, seed={seed})",
               "n_inputs": int(len(x)), "versions": {**versions(cache), **guest_versions}, "rows": rows,
               "passed": all(r["passed"] for r in rows),
               "note": "gates and metrics are export.parity's (export.targets); emulated_seconds is qemu wall "
@@ -163,8 +167,10 @@ def main(argv=None) -> int:
     p.add_argument("--gates", help='JSON object laid over the targets\' gates, e.g. {"mnn_low": {"max_rel": 1e-2}}')
     p.add_argument("--quick", action="store_true",
                    help="fp32 targets on cortex-a53 only, precision-low targets on neoverse-n1 only (CI-sized)")
-    p.add_argument("--n-images", type=int, default=3)
-    p.add_argument("--n-random", type=int, default=1)
+    p.add_argument("--n-images", type=int_in(1, 64), default=3, help="bundled photos, in order (default 3)")
+    p.add_argument("--n-random", type=int_in(0, 64), default=1,
+                   help="random inputs after them (a detector's: mosaics; default 1)")
+    p.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--cache", default=None, help="ARM environment dir (default .cache/arm)")
     a = p.parse_args(argv)
     try:
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
         for d in dirs:
             print(f"\n{d}\n{HEADER}", flush=True)
             report = check_dir(d, a.cpus, a.quick, a.targets, gates, a.n_images, a.n_random, cache=a.cache,
-                               log=lambda s: print(s, flush=True))
+                               log=lambda s: print(s, flush=True), seed=a.seed)
             print(f"-> {Path(d) / 'arm_parity.json'}")
             if not report["passed"]:
                 failed.append(d)
