@@ -94,6 +94,30 @@ def test_fallback_rescues_a_model_that_misses_the_gate(tmp_path, data):
     assert "/4/Conv" in kept  # the conv reading the outlier channel
 
 
+def test_strided_calibration_keeps_every_sample(tmp_path, data, monkeypatch):
+    """MinMax runs in strides (memory); the ranges must be those of all samples at once, the first stride's
+    largest sample included (onnxruntime's CalibMaxIntermediateOutputs silently dropped full strides)."""
+    from onnx import numpy_helper
+
+    calib = data[0].copy()
+    calib[0] *= 5  # the widest ranges come from the first stride
+    float_model = to_onnx(tiny_net(), tmp_path / "f.onnx")
+
+    def scales(model):
+        return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_scale")}
+
+    assert quantize._strided("MinMax", len(calib))  # 32 samples run in strides
+    strided = scales(quantize.ort_int8(float_model, calib))
+    monkeypatch.setattr(quantize, "CALIB_STRIDE", len(calib))
+    assert quantize._strided("MinMax", len(calib)) == {}
+    whole = scales(quantize.ort_int8(float_model, calib))
+    assert strided.keys() == whole.keys() and len(whole) >= 4
+    for name in whole:
+        np.testing.assert_array_equal(strided[name], whole[name], err_msg=name)
+    last_stride_only = scales(quantize.ort_int8(float_model, calib[-8:]))
+    assert any(not np.array_equal(last_stride_only[n], whole[n]) for n in whole)
+
+
 def test_onnx_holds_qdq_pairs_that_ort_fuses(tmp_path, data):
     calib, _ = data
     float_model = to_onnx(tiny_net(), tmp_path / "f.onnx")
