@@ -142,8 +142,10 @@ def measured_at(before: dict | None = None) -> dict:
 
 def write_outputs(results: dict, out: Path) -> dict:
     """Derived numbers, recommendation, plots and report from the measurements; every file replaced whole."""
+    from runtime.atomic import write_atomic, write_json
+
     from .plots import make_plots
-    from .report import add_roofline, recommend, render, seed003, write_atomic, write_json
+    from .report import add_roofline, recommend, render, seed003
 
     results.pop("recommendation", None)
     add_roofline(results)
@@ -224,8 +226,10 @@ def run(args, log) -> tuple[dict, Path]:
 
             pconv, mlp, _ = resolve_forms(name, "auto", "auto")
             log(f"{name}: MNN per-op profile and GELU forms ({pconv}-{mlp})")
+            before = measured_at()
             results["mnn"][name] = bench_mnn(name, pconv, mlp, args.iters, args.warmup, args.img,
                                              args.budget or None)
+            results["mnn"][name]["measured"] = measured_at(before)
             stage("mnn")
     det_engines = results["settings"]["det_engines"]
     for name in args.detector_names if det_engines else []:

@@ -13,12 +13,13 @@ from export import mnn_convert, targets
 from export.build import build_artifact
 from export.inputs import sample_batch
 from export.parity import run_parity
-from export.source import build_models, make_source
+from export.source import build_models, form_tag, make_source
 
 from .timing import interleaved, summarize
 
 SHIPPED = ("mnn_fp32", "mnn_fp16w")
 BASELINE = "tanh GELU (reference)"
+ORT = "ONNX Runtime (model.onnx, Erf)"
 
 
 def _has_gelu(onnx_path: Path) -> bool:
@@ -43,7 +44,8 @@ def bench_mnn(model: str, pconv: str, mlp: str, iters: int, warmup: int, img_siz
     try:
         names = ("ort", *SHIPPED)
         build_artifact(inference, meta, work, names)
-        out = {"model": model, "form": {"pconv": pconv, "mlp": mlp}, "img_size": meta["input_shape"][-1],
+        out = {"model": model, "form": {"pconv": pconv, "mlp": mlp}, "form_tag": form_tag(meta),
+               "img_size": meta["input_shape"][-1],
                "profiles": {f: {**profile(work / f, threads=1, runs=iters), "artifact": f"{model}/{f}"}
                             for f in (targets.get("mnn_fp32").file, targets.get("ort").file)},
                "gelu": None}
@@ -58,13 +60,15 @@ def bench_mnn(model: str, pconv: str, mlp: str, iters: int, warmup: int, img_siz
         files = {f"{t} ({targets.get(t).file}, GELU {targets.get(t).gelu})": (targets.get(t).file, t)
                  for t in SHIPPED}
         files.update({label: (fname, None) for label, (fname, _) in extra.items()})
-        files["ONNX Runtime (model.onnx, Erf)"] = ("model.onnx", "ort")
+        files[ORT] = ("model.onnx", "ort")
         fns = {}
         for label, (fname, _) in files.items():
             predictor = runtime.load(work / fname, threads=1)
             fns[label] = (lambda p: lambda: p.run(x))(predictor)
-        rows = summarize(interleaved(fns, iters=iters, warmup=warmup, max_seconds=budget_s), baseline=BASELINE)
+        times = interleaved(fns, iters=iters, warmup=warmup, max_seconds=budget_s)
+        rows, vs_ort = summarize(times, baseline=BASELINE), summarize(times, baseline=ORT)
         for label, (fname, target) in files.items():
+            rows[label]["vs_ort"] = {k: vs_ort[label][k] for k in ("ratio", "ratio_p10", "ratio_p90")}
             rows[label]["file"] = fname
             if target:
                 breaches = [b for b in verdict["breaches"] if b.startswith(f"{target}:")]
@@ -78,11 +82,15 @@ def bench_mnn(model: str, pconv: str, mlp: str, iters: int, warmup: int, img_siz
 
 def fastest_passing(gelu: dict) -> tuple[str, dict] | None:
     """The fastest shipped MNN file that passes its gate, and its row."""
-    rows = {k: r for k, r in gelu["rows"].items() if r.get("passes_gate") and "ONNX Runtime" not in k}
+    rows = {k: r for k, r in gelu["rows"].items() if r.get("passes_gate") and k != ORT}
     if not rows:
         return None
     label = min(rows, key=lambda k: rows[k]["median_ms"])
     return label, rows[label]
+
+
+def _spread(r: dict) -> str:
+    return f"{r['ratio']:.2f} [{r['ratio_p10']:.2f}–{r['ratio_p90']:.2f}]"
 
 
 def to_markdown(results: dict) -> list[str]:
@@ -92,19 +100,21 @@ def to_markdown(results: dict) -> list[str]:
 
     lines = []
     for name, r in results.items():
-        form = f"{r['form']['pconv'] or '-'}-{r['form']['mlp'] or '-'}"
+        form = r.get("form_tag") or f"{r['form']['pconv'] or '-'}-{r['form']['mlp'] or '-'}"  # older results
         lines += [f"### {name} ({form}, {r['img_size']}²)", ""]
+        if r.get("measured"):
+            m = r["measured"]
+            lines += [f"measured {m['date']}, load average {m['load_start']} → {m['load_end']}", ""]
         if r["gelu"]:
             g = r["gelu"]
-            lines += ["MNN and ONNX Runtime at 1 thread on one photo, interleaved; ratio = per-round time / the "
-                      "tanh-GELU conversion's:", ""]
-            rows = [[label, f"{row['median_ms']:.2f}",
-                     f"{row['ratio']:.2f} [{row['ratio_p10']:.2f}–{row['ratio_p90']:.2f}]",
+            lines += ["MNN and ONNX Runtime at 1 thread on one photo, interleaved; ratios = per-round time / the "
+                      "tanh-GELU conversion's, and / ONNX Runtime's:", ""]
+            rows = [[label, f"{row['median_ms']:.2f}", _spread(row), _spread(row["vs_ort"]) if "vs_ort" in row else "-",
                      "-" if "max_rel" not in row else f"{row['max_rel']:.2g}",
                      "-" if "passes_gate" not in row else ("yes" if row["passes_gate"] else "no")]
                     for label, row in g["rows"].items()]
-            lines += markdown_table(["file", "median ms", "× tanh conversion [p10–p90]", "max_rel vs PyTorch",
-                                     "passes its gate"], rows, "lrrrl")
+            lines += markdown_table(["file", "median ms", "× tanh conversion [p10–p90]", "× ONNX Runtime [p10–p90]",
+                                     "max_rel vs PyTorch", "passes its gate"], rows, "lrrrrl")
             best = fastest_passing(g)
             if best:
                 lines += ["", f"Fastest MNN file that passes its gate: {best[0]}, {best[1]['ratio']:.2f}× the "

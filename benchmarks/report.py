@@ -2,10 +2,7 @@
 reads), the seed-claim verdicts and the Markdown report."""
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
-from pathlib import Path
 
 import models
 
@@ -18,17 +15,6 @@ FORM_KEYS = ("pconv", "mlp")
 MIN_GAIN = 0.01
 # Seed 003: ConvNeXt-ExTiny converted to MNN, CPU: fc MLP 16.4 ms, 1x1-conv MLP 14.0 ms.
 SEED003 = {"fc_ms": 16.4, "conv_ms": 14.0}
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
