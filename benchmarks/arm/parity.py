@@ -3,8 +3,10 @@ qemu-user, judged exactly as on the host: the same targets (export.targets), ref
 (export.parity.judge).
 
     python -m benchmarks.arm.parity [ARTIFACT_DIR ...] [--cpus cortex-a53 neoverse-n1] [--quick] [--gates JSON]
+                                    [--targets NAME ...] [--n-images N] [--n-random M] [--seed S]
 
-Default dirs: artifacts/*/*/ holding a .mnn. The reference is the PyTorch training form rebuilt from the
+Default dirs: artifacts/*/*/ holding a .mnn; default targets: those the dir's manifest lists (else every MNN
+target whose file is there). The reference is the PyTorch training form rebuilt from the
 directory's manifest (as `python -m export.parity` does); a directory without a manifest (benchmarks.arm.tiny)
 is judged against ONNX Runtime on its model.onnx, and the report says so. Each MNN target runs on every CPU
 (--quick: fp32-arithmetic targets on cortex-a53, ARMv8.0; precision-'low' targets on neoverse-n1, ARMv8.2 with
@@ -163,7 +165,8 @@ def main(argv=None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="*", help="artifact dirs (default: artifacts/*/*/ with a .mnn)")
     p.add_argument("--cpus", nargs="+", default=list(DEFAULT_CPUS), help="qemu -cpu models")
-    p.add_argument("--targets", nargs="+", default=None, help="MNN targets to run (default: every one present)")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="MNN targets to run (default: those the manifest lists, else every one present)")
     p.add_argument("--gates", help='JSON object laid over the targets\' gates, e.g. {"mnn_low": {"max_rel": 1e-2}}')
     p.add_argument("--quick", action="store_true",
                    help="fp32 targets on cortex-a53 only, precision-low targets on neoverse-n1 only (CI-sized)")
