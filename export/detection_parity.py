@@ -1,7 +1,7 @@
 """Parity for detectors: raw-output errors, and the same detections after NMS (runtime/detect.py's NMS, the one
 the board runs).
 
-    compare_detections(ref, out, meta) -> metrics    ref/out: {"boxes": [N, A, 4], "scores": [N, A, nc]}
+    compare_detections(ref, out, meta, score_margin) -> metrics    ref/out: {"boxes": [N, A, 4], "scores": [N, A, nc]}
     check_detection_gates(metrics, gates, label) -> breach lines
 
 A detection whose score lies within the score margin of the threshold, or whose suppression hinged on an IoU
