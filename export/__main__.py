@@ -18,7 +18,7 @@ signal.signal(signal.SIGINT, _interrupted_while_importing)
 from models.errors import EdgeportError  # noqa: E402
 from runtime.cli import OneLineParser  # noqa: E402
 
-from . import targets  # noqa: E402
+from . import quantize, targets  # noqa: E402
 
 EPILOG = """\
 defaults: fasternet_t0 at its configured size (224), batch 1, --pconv auto --mlp auto, every default target,
@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DIR",
                    help="int8 targets: calibrate on these images (recursively; 300+ like the deployment's "
                         "recommended; default: the bundled sample photos, augmented, which is weaker)")
-    p.add_argument("--int8-mnn", default="KL", choices=("KL", "ADMM", "EMA"),
-                   help="mnn_int8: MNN's activation-scale method (default KL)")
+    p.add_argument("--int8-mnn", default="auto", choices=quantize.MNN_METHODS,
+                   help="mnn_int8: MNN's activation-scale method (default auto: " + ", then ".join(
+                       quantize.MNN_AUTO_ORDER) + " when the first crashes or misses the gates; the better is kept)")
     p.add_argument("--opset", type=int, default=onnx_export.DEFAULT_OPSET,
                    help=f"ONNX opset (default {onnx_export.DEFAULT_OPSET})")
     p.add_argument("--exporter", default="legacy", choices=onnx_export.EXPORTERS,

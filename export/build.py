@@ -44,7 +44,7 @@ class BuildContext:
     log: Path
     verbose: bool
     calib_dir: str | None = None     # int8 targets: the user's calibration images (None: bundled, augmented)
-    int8_mnn_method: str = "KL"     # MNN quantiser feature_quantize_method
+    int8_mnn_method: str = "auto"   # MNN quantiser feature_quantize_method (quantize.MNN_METHODS)
     records: dict = field(default_factory=dict)  # per target: what its producer decided (manifest "targets")
 
     @property
@@ -104,7 +104,7 @@ class BuildContext:
 
 def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.DEFAULT_TARGETS, *,
                    opset: int = onnx_export.DEFAULT_OPSET, exporter: str = "legacy", simplifier: str = "onnxsim",
-                   log=None, verbose: bool = False, calib_dir: str | None = None, int8_mnn_method: str = "KL",
+                   log=None, verbose: bool = False, calib_dir: str | None = None, int8_mnn_method: str = "auto",
                    step: Callable[[str], AbstractContextManager] | None = None) -> dict:
     """Export `model` (eval, inference form) to out_dir/model.onnx (checked, simplified, linted, with `meta`
     embedded), then produce every selected target's file from it. model.onnx is always written: every other

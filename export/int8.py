@@ -82,7 +82,10 @@ def produce_ort_int8(ctx, target) -> None:
 
 def produce_mnn_int8(ctx, target) -> None:
     """model.int8.mnn: MNN's offline quantiser (int8 convolutions, calibrated feature scales)."""
+    import onnx
+
     import runtime
+    from models.errors import EdgeportError
 
     from .onnx_export import metadata_json
 
@@ -90,16 +93,29 @@ def produce_mnn_int8(ctx, target) -> None:
     x = ctx.eval_inputs()
     out = ctx.path(target.file)
     biz = metadata_json({**ctx.meta, "precision": "int8"})
-    config = {"feature_quantize_method": ctx.int8_mnn_method}
-
     on_disk = []
 
-    def metrics_without(skip):
+    def build(method, skip):
+        config = {"feature_quantize_method": method}
         quantize.mnn_int8(ctx.onnx_path, out, calib, biz, config, skip=skip, log_path=ctx.log)
-        on_disk[:] = [list(skip)]
+        on_disk[:] = [(method, list(skip))]
         return _judge(target, ctx, _batched(runtime.load(out), x))[0]
 
-    import onnx
+    tried: dict[str, dict | str] = {}  # method → its all-int8 metrics, or why it failed
+    methods = quantize.MNN_AUTO_ORDER if ctx.int8_mnn_method == "auto" else (ctx.int8_mnn_method,)
+    for method in methods:
+        try:
+            tried[method] = build(method, [])
+        except quantize.QuantiserFailed as e:
+            tried[method] = f"quantiser failed ({e.why})"
+            continue
+        if not _judge_metrics(target, tried[method]):
+            break
+    built = {m: v for m, v in tried.items() if isinstance(v, dict)}
+    if not built:
+        raise EdgeportError(f"MNN int8 quantiser failed with {', '.join(f'{m} ({v})' for m, v in tried.items())}"
+                            f" (log: {ctx.log}); retry with another --int8-mnn method or without mnn_int8")
+    method = max(built, key=lambda m: quantize.score(built[m]))
 
     float_model = onnx.load(str(ctx.onnx_path))
     layers = quantize.quantisable_nodes(float_model)
@@ -110,10 +126,15 @@ def produce_mnn_int8(ctx, target) -> None:
         return [(outputs_of[n], s) for n, s in errors]
 
     kept, metrics, breaches = quantize.fallback(
-        [outputs_of[n] for n in layers], metrics_without, lambda m: _judge_metrics(target, m), ranked=ranked)
-    if on_disk != [kept]:
-        metrics_without(kept)  # the file on disk is the chosen candidate
+        [outputs_of[n] for n in layers], lambda skip: built[method] if not skip else build(method, skip),
+        lambda m: _judge_metrics(target, m), ranked=ranked)
+    if on_disk != [(method, kept)]:
+        build(method, kept)  # the file on disk is the chosen candidate
+    config = {**quantize.MNN_CONFIG, "feature_quantize_method": method}
     _record(ctx, target, kept, metrics, breaches, info, method=config,
+            methods_tried={m: v if isinstance(v, str) else {k: {"cosine": o["cosine"], "top1": o.get("top1")}
+                                                             for k, o in v.items()}
+                           for m, v in tried.items()},
             int8_convolutions=len(quantize.mnn_int8_layers(out)["int8"]))
 
 

@@ -65,6 +65,13 @@ def _record_lines(record: dict) -> list[str]:
     calib = record.get("calibration", {})
     lines = [f"- calibration: {calib.get('samples')} samples from {calib.get('source')}"]
     lines += [f"- warning: {w}" for w in calib.get("warnings", [])]
+    method = record.get("method")
+    if method:
+        lines.append(f"- method: `{json.dumps(method)}`")
+    for name, result in (record.get("methods_tried") or {}).items():
+        lines.append(f"- tried {name}, all int8: " + (result if isinstance(result, str) else "; ".join(
+            f"{out} cosine {m['cosine']:.4f}" + (f", top-1 {m['top1']:.3f}" if m.get("top1") is not None else "")
+            for out, m in result.items())))
     kept = record.get("kept_in_float") or []
     lines.append(f"- layers kept in float: {len(kept)}" + (": " + ", ".join(f"`{k}`" for k in kept) if kept else ""))
     if record.get("fallback_breaches"):

@@ -27,6 +27,7 @@ from ._console import Steps, make_console, redirect_fds
 from .build import LOG, build_artifact
 from .install import install, make_build_dir, remove_if_empty
 from .manifest import MANIFEST, file_entries, tool_versions, write_report
+from .quantize import MNN_METHODS
 from .source import ULTRALYTICS, build_models, form_tag, make_source
 
 RECOMMENDATION = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "recommendation.json"
@@ -45,7 +46,7 @@ class ExportOptions:
     mlp: str = "auto"
     targets: tuple[str, ...] | None = None  # None: the model's defaults (export.targets.default_targets)
     calib: str | None = None
-    int8_mnn: str = "KL"
+    int8_mnn: str = "auto"
     opset: int = onnx_export.DEFAULT_OPSET
     exporter: str = "legacy"
     simplifier: str = "onnxsim"
@@ -57,7 +58,6 @@ class ExportOptions:
     gates: dict | None = None
 
 
-INT8_MNN_METHODS = ("KL", "ADMM", "EMA")  # MNN quantiser feature_quantize_method
 
 
 def resolve_forms(model: str, pconv: str, mlp: str, path: Path = RECOMMENDATION):
@@ -97,8 +97,8 @@ def _check_options(opts: ExportOptions) -> None:
         if not int8:
             raise EdgeportError("--calib is only used by int8 targets; add --targets ...,ort_int8,mnn_int8 or drop it")
         image_files(opts.calib)  # a missing, empty or image-free directory fails here, before any work
-    if opts.int8_mnn not in INT8_MNN_METHODS:
-        raise EdgeportError(f"unknown --int8-mnn {opts.int8_mnn}; use one of {', '.join(INT8_MNN_METHODS)}")
+    if opts.int8_mnn not in MNN_METHODS:
+        raise EdgeportError(f"unknown --int8-mnn {opts.int8_mnn}; use one of {', '.join(MNN_METHODS)}")
     if opts.pconv not in ("auto", *PCONV_FORMS):
         raise EdgeportError(f"unknown --pconv {opts.pconv}; use auto or one of {', '.join(PCONV_FORMS)}")
     if opts.mlp not in ("auto", *MLP_FORMS):

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,11 @@ FALLBACK_LIMIT = 0.10  # at most this fraction of the quantisable layers is kept
 QUANTISED_OPS = ("Conv", "MatMul", "Gemm")  # the layers the fallback ranks and may keep in float
 # MNN: KL (histogram, scales per tensor) held the gates where EMA did not; see README "int8".
 MNN_CONFIG = {"feature_quantize_method": "KL", "weight_quantize_method": "MAX_ABS"}
+# --int8-mnn: "auto" tries MNN_AUTO_ORDER and keeps the first method whose file passes, else the best-scoring
+# one. MNN 3.6.1's KL segfaults on any graph with a Raster op fed only by internal tensors (convnext_atto,
+# inception_next_atto, efficientnetv2_s); upstream fixed it in 602d160 (Aug 2026), after the last wheel.
+MNN_METHODS = ("auto", "KL", "ADMM", "EMA")
+MNN_AUTO_ORDER = ("KL", "ADMM")
 ORT_METHOD = "MinMax"
 # MinMax calibration keeps every intermediate tensor of every sample until it computes the ranges: 128 samples
 # of efficientnetv2_s at 384² took the 24 GB host out of memory. It runs in strides of at most this many samples,
@@ -126,6 +132,22 @@ def _write_sequence(calib: np.ndarray, input_name: str, directory: Path) -> None
         (d / "input.json").write_text(json.dumps(shape))
 
 
+class QuantiserFailed(EdgeportError):
+    """MNN's quantiser crashed or wrote nothing; `why` is the short reason ("SIGSEGV", "exit 3", "no output")."""
+
+    def __init__(self, why: str, log_path):
+        self.why = why
+        super().__init__(f"MNN int8 quantiser failed ({why}; log: {log_path}); retry with another --int8-mnn "
+                         f"method or without the mnn_int8 target")
+
+
+def _why(returncode: int) -> str:
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"{signal.Signals(-returncode).name}, exit {returncode}"
+    return f"exit {returncode}" if returncode else "no output"
+
+
 # The quantiser crashes the process on some graphs (e.g. a segfault on exact-erf GELU), and reports success
 # whatever happened: it runs in a child interpreter, through the same _tools entry point.
 _QUANT_CHILD = "import sys, _tools; _tools.mnnquant(sys.argv[1:])"
@@ -157,9 +179,7 @@ def mnn_int8(onnx_path, out, calib: np.ndarray, biz_code: str, config: dict | No
             done = subprocess.run([sys.executable, "-c", _QUANT_CHILD, "quantized.out", str(float_mnn),
                                    str(quantised), str(tmp / "quant.json")], stdout=log, stderr=log, cwd=tmp)
         if done.returncode or not quantised.is_file() or not quantised.stat().st_size:
-            why = f"exit {done.returncode}" if done.returncode else "no output"
-            raise EdgeportError(f"MNN int8 quantiser failed ({why}; log: {log_path}); retry with another "
-                                f"--int8-mnn method or without the mnn_int8 target")
+            raise QuantiserFailed(_why(done.returncode), log_path)
         mnn_convert.make_uuid_deterministic(quantised)
         write_atomic(out, quantised.read_bytes())
     return out

@@ -3,6 +3,7 @@ integer compute, and bad --calib directories fail with one line."""
 from __future__ import annotations
 
 import json
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -154,6 +155,36 @@ def test_mnn_quantiser_failure_is_one_line_and_leaves_out_untouched(tmp_path, da
     with pytest.raises(EdgeportError, match="MNN int8 quantiser failed"):
         quantize.mnn_int8(tmp_path / "f.onnx", out, calib[:2], "{}", {"feature_quantize_method": "NOPE"})
     assert out.read_bytes() == b"previous"
+
+
+class ChannelsFirstNorm(nn.Module):
+    """ConvNeXt's LayerNorm over channels, as it exports (ReduceMean over axis 1)."""
+
+    def forward(self, x):
+        centred = x - x.mean(1, keepdim=True)
+        return centred / torch.sqrt(centred.pow(2).mean(1, keepdim=True) + 1e-6)
+
+
+def test_auto_method_survives_mnns_kl_crash(tmp_path):
+    """MNN 3.6.1's KL calibration segfaults on a channels-first LayerNorm after a depthwise conv (every ConvNeXt
+    block); --int8-mnn auto records that and ships the ADMM file. Once a fixed MNN lands, KL simply wins."""
+    from export.build import build_artifact
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 7, padding=3, groups=8),
+                        ChannelsFirstNorm(), nn.Conv2d(8, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(16, 10)).eval()
+    meta = {**META, "input_name": "input", "output_names": ["logits"], "task": "classification"}
+    built = build_artifact(net, meta, tmp_path, ["ort", "mnn_int8"])
+    record = built["records"]["mnn_int8"]
+    tried = record["methods_tried"]
+    version = tuple(int(v) for v in metadata.version("MNN").split(".")[:3] if v.isdigit())
+    kl_crashes = version <= (3, 6, 1)  # fixed upstream after 3.6.1 (README "int8")
+    assert isinstance(tried["KL"], str) == kl_crashes
+    if kl_crashes:  # the crash, recorded; ADMM built and shipped
+        assert "SIGSEGV" in tried["KL"] and isinstance(tried["ADMM"], dict)
+        assert record["method"]["feature_quantize_method"] == "ADMM"
+    assert len(quantize.mnn_int8_layers(tmp_path / "model.int8.mnn")["int8"]) == 4
 
 
 def test_fitted_head_gives_trained_like_margins():
