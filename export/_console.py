@@ -63,10 +63,11 @@ class Steps:
 
     @contextmanager
     def step(self, name: str):
+        """Yields `progress(detail)`, which shows what a long step is doing beside its spinner."""
         start = time.perf_counter()
-        with self.console.status(f"{name} …", spinner="dots"):
+        with self.console.status(f"{name} …", spinner="dots") as status:
             try:
-                yield
+                yield lambda detail: status.update(f"{name} … {detail}")
             except BaseException:
                 self.console.print(f"[red]✗[/red] {name}")
                 raise

@@ -46,6 +46,7 @@ class BuildContext:
     calib_dir: str | None = None     # int8 targets: the user's calibration images (None: bundled, augmented)
     int8_mnn_method: str = "auto"   # MNN quantiser feature_quantize_method (quantize.MNN_METHODS)
     records: dict = field(default_factory=dict)  # per target: what its producer decided (manifest "targets")
+    progress: Callable[[str], None] = lambda detail: None  # what a long producer is doing (the CLI's spinner)
 
     @property
     def onnx_path(self) -> Path:
@@ -105,11 +106,13 @@ class BuildContext:
 def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.DEFAULT_TARGETS, *,
                    opset: int = onnx_export.DEFAULT_OPSET, exporter: str = "legacy", simplifier: str = "onnxsim",
                    log=None, verbose: bool = False, calib_dir: str | None = None, int8_mnn_method: str = "auto",
-                   step: Callable[[str], AbstractContextManager] | None = None) -> dict:
+                   optional=frozenset(), step: Callable[[str], AbstractContextManager] | None = None) -> dict:
     """Export `model` (eval, inference form) to out_dir/model.onnx (checked, simplified, linted, with `meta`
     embedded), then produce every selected target's file from it. model.onnx is always written: every other
     file derives from it and bisection reads it. Returns {"targets": [...], "records": {target: what its
     producer decided, e.g. int8 layers kept in float}, "onnx": {...op histograms, lint}}.
+    `optional`: targets shipped only when their producer's own gate passes (int8 against the float model);
+    one that misses is deleted, left out of "targets", and its record says why ("not_shipped").
     Raises EdgeportError when a step fails."""
     step = step or (lambda name: nullcontext())
     chosen = targets.select(target_names)
@@ -144,14 +147,20 @@ def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.D
     try:
         for target in chosen:
             if target.produce is not None and target.file != ctx.onnx_path.name:
-                with step(f"{target.name} → {target.file}"):
+                with step(f"{target.name} → {target.file}") as progress:
+                    ctx.progress = progress or ctx.progress
                     target.produce(ctx, target)
+                missed = ctx.records.get(target.name, {}).get("fallback_breaches")
+                if target.name in optional and missed:
+                    ctx.path(target.file).unlink(missing_ok=True)
+                    ctx.records[target.name]["not_shipped"] = "; ".join(missed)
     finally:
         if "scratch" in ctx.__dict__:
             shutil.rmtree(ctx.scratch, ignore_errors=True)
     for target in chosen:
         if target.engine == "mnn" and target.produce is not None:
             ctx.records.setdefault(target.name, {})["gelu"] = gelu_record(target.gelu, hist)
-    return {"targets": [t.name for t in chosen], "records": ctx.records,
+    shipped = [t.name for t in chosen if "not_shipped" not in ctx.records.get(t.name, {})]
+    return {"targets": shipped, "records": ctx.records,
             "onnx": {"op_histogram_exported": hist_raw, "op_histogram": hist, "lint": warnings,
                      "nodes_exported": sum(hist_raw.values()), "nodes": sum(hist.values())}}

@@ -67,12 +67,17 @@ def produce_ort_int8(ctx, target) -> None:
             return {n: np.concatenate([r[k] for r in rows]) for k, n in enumerate(names)}
 
         def metrics_without(exclude):
+            ctx.progress(_candidate(exclude))
             return _judge(target, ctx, outputs(quantised(exclude)))[0]
 
         layers = quantize.quantisable_nodes(float_model)
-        kept, metrics, breaches = quantize.fallback(
-            layers, metrics_without, lambda m: _judge_metrics(target, m),
-            ranked=lambda: quantize.ort_layer_errors(float_model, quantised([]), x, layers))
+
+        def ranked():
+            ctx.progress("ranking layers by the error each adds")
+            return quantize.ort_layer_errors(float_model, quantised([]), x, layers)
+
+        kept, metrics, breaches = quantize.fallback(layers, metrics_without, lambda m: _judge_metrics(target, m),
+                                                    ranked=ranked)
         model = quantised(kept)
     set_metadata(model, {**ctx.meta, "precision": "int8"})
     write_atomic(ctx.path(target.file), model.SerializeToString())
@@ -96,6 +101,7 @@ def produce_mnn_int8(ctx, target) -> None:
     on_disk = []
 
     def build(method, skip):
+        ctx.progress(f"{method}, {_candidate(skip)}")
         config = {"feature_quantize_method": method}
         quantize.mnn_int8(ctx.onnx_path, out, calib, biz, config, skip=skip, log_path=ctx.log)
         on_disk[:] = [(method, list(skip))]
@@ -122,6 +128,7 @@ def produce_mnn_int8(ctx, target) -> None:
     outputs_of = {n.name: n.output[0] for n in float_model.graph.node}  # MNN names ops by output tensor
 
     def ranked():  # ONNX Runtime's one-pass ranking: MNN has no cheap per-layer probe
+        ctx.progress("ranking layers by the error each adds (ONNX Runtime)")
         errors = quantize.ort_layer_errors(float_model, quantize.ort_int8(float_model, calib), x, layers)
         return [(outputs_of[n], s) for n, s in errors]
 
@@ -136,6 +143,10 @@ def produce_mnn_int8(ctx, target) -> None:
                                                              for k, o in v.items()}
                            for m, v in tried.items()},
             int8_convolutions=len(quantize.mnn_int8_layers(out)["int8"]))
+
+
+def _candidate(kept) -> str:
+    return f"fallback: {len(kept)} layer(s) in float" if kept else "all int8"
 
 
 def _judge_metrics(target, metrics: dict) -> list[str]:

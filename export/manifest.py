@@ -73,9 +73,13 @@ def _record_lines(record: dict) -> list[str]:
             f"{out} cosine {m['cosine']:.4f}" + (f", top-1 {m['top1']:.3f}" if m.get("top1") is not None else "")
             for out, m in result.items())))
     kept = record.get("kept_in_float") or []
-    lines.append(f"- layers kept in float: {len(kept)}" + (": " + ", ".join(f"`{k}`" for k in kept) if kept else ""))
+    label = "in the best candidate, layers kept in float" if record.get("not_shipped") else "layers kept in float"
+    lines.append(f"- {label}: {len(kept)}" + (": " + ", ".join(f"`{k}`" for k in kept) if kept else ""))
     if record.get("fallback_breaches"):
         lines.append("- still breaching against the float model: " + "; ".join(record["fallback_breaches"]))
+    if record.get("not_shipped"):
+        lines.append("- **not shipped**: an optional default target (real weights) ships only when its gate "
+                     "passes; `--targets` with its name makes it required")
     lines.append(f"- judged on: {record.get('evaluated_on')}")
     return lines
 

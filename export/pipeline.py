@@ -87,14 +87,23 @@ def resolve_forms(model: str, pconv: str, mlp: str, path: Path = RECOMMENDATION)
     return (choice["pconv"] if pconv == "auto" else pconv), (choice["mlp"] if mlp == "auto" else mlp), note
 
 
+def _task(opts: ExportOptions) -> str:
+    """The export's task before any model is built (artifact_meta's "task" afterwards)."""
+    import models
+
+    if models.get_cfg(opts.model).extra.get("task") == "detection":
+        return "detection"
+    return "features" if opts.features_only else "classification"
+
+
 def _check_options(opts: ExportOptions) -> None:
     onnx_export.check_options(opts.opset, opts.exporter, opts.simplifier)
     targets.select(opts.targets or targets.DEFAULT_TARGETS)
     if opts.calib is not None:
         from .calibration import image_files
 
-        int8 = [t for t in opts.targets or () if targets.get(t).compute == "int8"]
-        if not int8:
+        chosen = opts.targets or targets.default_targets(_task(opts), trained=opts.weights is not None)
+        if not any(targets.get(t).compute == "int8" for t in chosen):
             raise EdgeportError("--calib is only used by int8 targets; add --targets ...,ort_int8,mnn_int8 or drop it")
         image_files(opts.calib)  # a missing, empty or image-free directory fails here, before any work
     if opts.int8_mnn not in MNN_METHODS:
@@ -169,14 +178,22 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
     dest = Path(opts.out) / export_name(source) / tag
     console.print(f"[bold]{opts.model}[/bold] → {dest}  "
                   f"(input {meta['input_shape']}, pconv={meta['pconv']}, mlp={meta['mlp']})")
-    opts = replace(opts, targets=opts.targets or targets.default_targets(meta["task"]))
+    trained = not source["calibrated"]
+    optional = frozenset() if opts.targets else targets.optional_targets(meta["task"], trained)
+    opts = replace(opts, targets=opts.targets or targets.default_targets(meta["task"], trained))
     built = build_artifact(inference, meta, build, opts.targets, opset=opts.opset, exporter=opts.exporter,
                            simplifier=opts.simplifier, log=build / LOG, verbose=opts.verbose, calib_dir=opts.calib,
-                           int8_mnn_method=opts.int8_mnn, step=steps.step)
+                           int8_mnn_method=opts.int8_mnn, optional=optional, step=steps.step)
+    opts = replace(opts, targets=tuple(built["targets"]))
     for name, record in built["records"].items():
         for w in record.get("calibration", {}).get("warnings", []):
             console.print(f"  [yellow]warning:[/yellow] {name}: {w}")
-        if record.get("kept_in_float"):
+        if record.get("not_shipped"):
+            console.print(f"  [yellow]not shipped:[/yellow] {name} misses its gate against the float model "
+                          f"({record['not_shipped'].replace(name + ': ', '')}, its best candidate with "
+                          f"{len(record['kept_in_float'])} layer(s) in float); --calib DIR with your own images "
+                          f"may help, and --targets ...,{name} makes it a required target")
+        elif record.get("kept_in_float"):
             console.print(f"  {name}: {len(record['kept_in_float'])} layer(s) kept in float")
     for w in built["onnx"]["lint"] + _ignored_options(opts, meta):
         console.print(f"  [yellow]warning:[/yellow] {w}")

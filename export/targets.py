@@ -35,6 +35,8 @@ class Target:
     produce: Callable | None = None  # produce(ctx: build.BuildContext, target) writes `file`; None: runs another's
     default: bool = True       # part of every export unless --targets says otherwise
     for_detectors: bool = True  # with `default`: part of a detector's default export too
+    default_when_trained: bool = False  # part of the default when the export has real weights (--weights),
+                                        # shipped only if its own gate passes (export.build `optional`)
     bisect: str = "onnx"       # how a breach is localised: "torch" (module hooks), "onnx" (graph probes), "none"
     compute: str = field(default="fp32")  # arithmetic the file asks for: fp32 | fp16 | int8 (ARM harness)
     gelu: str = "erf"          # GELU in the file: "erf" (as exported), an exact lowering of export.gelu
@@ -115,22 +117,30 @@ INT8_GATES = _gates(cosine=0.99, top1=0.95)
 TARGETS += (
     Target("ort_int8", "model.int8.onnx", "onnxruntime", "fp32", "ort", INT8_GATES,
            "ONNX, int8 QDQ (calibrated activations; ONNX Runtime fuses QLinearConv/MatMul)",
-           produce=_int8("ort"), default=False, compute="int8", inputs="held_out", bisect="none",
-           detection_gates=DET_INT8),
+           produce=_int8("ort"), default=False, default_when_trained=True, for_detectors=False, compute="int8",
+           inputs="held_out", bisect="none", detection_gates=DET_INT8),
     Target("mnn_int8", "model.int8.mnn", "mnn", "fp32", "mnn_fp32", INT8_GATES,
            "MNN, int8 convolutions (offline quantiser, calibrated feature scales)",
-           produce=_int8("mnn"), default=False, compute="int8", inputs="held_out", bisect="none", gelu="tanh",
-           detection_gates=DET_INT8),
+           produce=_int8("mnn"), default=False, default_when_trained=True, for_detectors=False, compute="int8",
+           inputs="held_out", bisect="none", gelu="tanh", detection_gates=DET_INT8),
 )
 TARGET_BY_NAME: Mapping[str, Target] = MappingProxyType({t.name: t for t in TARGETS})
 ARTIFACTS = tuple(t for t in TARGETS if t.file)  # the targets that are files to ship and run
 DEFAULT_TARGETS = tuple(t.name for t in ARTIFACTS if t.default)
 
 
-def default_targets(task: str = "classification") -> tuple[str, ...]:
-    """What an export builds when --targets is not given: DEFAULT_TARGETS, less for a detector the targets
-    whose files cannot meet the detection gates (`for_detectors`)."""
-    return tuple(n for n in DEFAULT_TARGETS if task != "detection" or TARGET_BY_NAME[n].for_detectors)
+def default_targets(task: str = "classification", trained: bool = False) -> tuple[str, ...]:
+    """What an export builds when --targets is not given: DEFAULT_TARGETS, plus with real weights (`trained`)
+    the `default_when_trained` ones (int8: on calibrated random init its top-1 gate is decided by near-tied
+    logits, README "int8"), less for a detector the targets whose files cannot meet the detection gates
+    (`for_detectors`)."""
+    return tuple(t.name for t in ARTIFACTS if (t.default or (trained and t.default_when_trained))
+                 and (task != "detection" or t.for_detectors))
+
+
+def optional_targets(task: str = "classification", trained: bool = False) -> frozenset[str]:
+    """The targets the default adds for real weights: shipped only when their own gate passes."""
+    return frozenset(default_targets(task, trained)) - frozenset(default_targets(task))
 
 
 def get(name: str) -> Target:

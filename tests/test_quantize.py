@@ -157,6 +157,29 @@ def test_mnn_quantiser_failure_is_one_line_and_leaves_out_untouched(tmp_path, da
     assert out.read_bytes() == b"previous"
 
 
+def test_optional_int8_target_that_misses_its_gate_is_not_shipped(tmp_path):
+    """What --weights adds to the default (export.targets.optional_targets) ships only when its gate passes:
+    calibrated on black images, ort_int8 misses, and the build deletes it and says why; asked for by name, the
+    same file is kept for the parity gate to fail."""
+    from export.build import build_artifact
+
+    calib = tmp_path / "black"
+    calib.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 40)).save(calib / f"{i}.png")
+    meta = {**META, "input_name": "input", "output_names": ["logits"], "task": "classification"}
+    for name in ("required", "optional"):
+        (tmp_path / name).mkdir()
+    kept = build_artifact(tiny_net(), meta, tmp_path / "required", ["ort", "ort_int8"], calib_dir=str(calib))
+    assert kept["targets"] == ["ort", "ort_int8"] and (tmp_path / "required" / "model.int8.onnx").is_file()
+    missed = kept["records"]["ort_int8"]["fallback_breaches"]
+    assert missed and "not_shipped" not in kept["records"]["ort_int8"]
+    dropped = build_artifact(tiny_net(), meta, tmp_path / "optional", ["ort", "ort_int8"], calib_dir=str(calib),
+                             optional={"ort_int8"})
+    assert dropped["targets"] == ["ort"] and not (tmp_path / "optional" / "model.int8.onnx").exists()
+    assert dropped["records"]["ort_int8"]["not_shipped"] == "; ".join(missed)
+
+
 class ChannelsFirstNorm(nn.Module):
     """ConvNeXt's LayerNorm over channels, as it exports (ReduceMean over axis 1)."""
 

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from export import targets
 from models.errors import EdgeportError
@@ -58,6 +59,26 @@ def test_a_detector_default_export_leaves_out_what_cannot_meet_detection_gates()
     assert set(detection) == {n for n in targets.DEFAULT_TARGETS if targets.get(n).for_detectors}
     assert {"ort", "mnn_fp32", "mnn_fp16w"} <= set(detection)
     assert not {"mnn_low", "mnn_fp16w_low"} & set(detection)  # fp16 arithmetic misses DET_FP16_ARITH on ARM
+
+
+def test_real_weights_add_the_int8_targets_as_optional_except_for_detectors(tmp_path):
+    """int8's top-1 gate means something only on trained weights (README "int8"): with --weights a classifier's
+    default adds ort_int8 and mnn_int8, shipped only when they pass; --calib is then accepted without
+    --targets. A detector's default never gets them."""
+    from export.pipeline import ExportOptions, _check_options
+
+    int8 = {"ort_int8", "mnn_int8"}
+    assert not int8 & set(targets.default_targets())
+    assert int8 <= set(targets.default_targets(trained=True)) and int8 <= set(targets.default_targets("features", True))
+    assert targets.optional_targets(trained=True) == int8 and not targets.optional_targets()
+    assert not int8 & set(targets.default_targets("detection", trained=True))
+    assert not targets.optional_targets("detection", trained=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    _check_options(ExportOptions(model="fasternet_t0", weights="w.pth", calib=str(tmp_path)))
+    for opts in (ExportOptions(model="fasternet_t0", calib=str(tmp_path)),
+                 ExportOptions(model="yolo11n", weights="w.pt", calib=str(tmp_path))):
+        with pytest.raises(EdgeportError, match="only used by int8 targets"):
+            _check_options(opts)
 
 
 def test_arm_parity_runs_the_targets_an_export_shipped(tmp_path):
