@@ -180,6 +180,27 @@ def test_optional_int8_target_that_misses_its_gate_is_not_shipped(tmp_path):
     assert dropped["records"]["ort_int8"]["not_shipped"] == "; ".join(missed)
 
 
+def test_export_with_weights_builds_int8_and_ships_only_what_passes(tmp_path):
+    """The CLI's default with --weights: both int8 targets are built and judged; each is either shipped (file,
+    manifest, parity) or named "not shipped" with its file gone; the export itself does not fail on them."""
+    import models
+    from export.__main__ import main
+
+    weights = tmp_path / "trained.pth"
+    torch.save(models.create_model("fasternet_t0").state_dict(), weights)
+    out = tmp_path / "out"
+    assert main(["fasternet_t0", "--weights", str(weights), "--img-size", "64", "--out", str(out)]) == 0
+    (folder,) = (p for p in (out / "fasternet_t0").iterdir() if p.is_dir())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shipped = manifest["export"]["targets"]
+    for name, file in (("ort_int8", "model.int8.onnx"), ("mnn_int8", "model.int8.mnn")):
+        record = manifest["targets"][name]
+        assert (name in shipped) == (folder / file).is_file() == ("not_shipped" not in record)
+        assert (name in manifest["parity"]["results"]) == (name in shipped)
+        if name not in shipped:
+            assert record["fallback_breaches"] and "not shipped" in (folder / "report.md").read_text()
+
+
 class ChannelsFirstNorm(nn.Module):
     """ConvNeXt's LayerNorm over channels, as it exports (ReduceMean over axis 1)."""
 
