@@ -81,6 +81,41 @@ def test_real_weights_add_the_int8_targets_as_optional_except_for_detectors(tmp_
             _check_options(opts)
 
 
+def test_arm_parity_judges_int8_on_held_out_images_like_the_host(tmp_path, monkeypatch):
+    """Under emulation an int8 file is judged on images never calibrated on, as export.parity does on the host
+    (the guest is replaced by the host's MNN here: what is checked is which inputs each target gets)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import runtime
+    from benchmarks.arm import parity as arm
+    from benchmarks.arm.run import GuestRun
+    from export.build import build_artifact
+    from export.parity import held_out_inputs
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10)).eval()
+    meta = {"input_shape": [1, 3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "crop_pct": 0.875, "interpolation": "bicubic", "input_name": "input", "output_names": ["logits"],
+            "task": "classification", "num_classes": 10}
+    build_artifact(net, meta, tmp_path, ["ort", "mnn_fp32", "mnn_int8"])
+    seen = {}
+
+    def host_as_guest(path, x, cpu, precision, cache=None):
+        seen[Path(path).name] = x
+        model = runtime.load(path)
+        rows = [model.run(x[i:i + 1], check_finite=False)["logits"] for i in range(len(x))]
+        return GuestRun({"logits": np.concatenate(rows)}, [], {}, {})
+
+    monkeypatch.setattr(arm, "guest_infer", host_as_guest)
+    report = arm.check_dir(tmp_path, quick=True, log=lambda line: None)
+    assert {r["target"] for r in report["rows"]} == {"mnn_fp32", "mnn_low", "mnn_int8"}
+    np.testing.assert_array_equal(seen["model.int8.mnn"], held_out_inputs(meta, 4))
+    assert not np.array_equal(seen["model.mnn"], seen["model.int8.mnn"])
+
+
 def test_arm_parity_runs_the_targets_an_export_shipped(tmp_path):
     """A detector's default export ships model.mnn without promising precision='low' on it: the ARM harness
     must judge what the manifest lists, not every target whose file happens to be there."""

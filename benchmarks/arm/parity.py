@@ -26,7 +26,7 @@ import numpy as np
 
 from export import targets
 from export.detection_parity import detection_gates
-from export.parity import judge, manifest_targets, merge_gates, reference_outputs
+from export.parity import held_out_inputs, judge, manifest_targets, merge_gates, reference_outputs
 from models.errors import EdgeportError
 from runtime.atomic import write_json
 from runtime.cli import OneLineParser, int_in
@@ -73,15 +73,15 @@ def onnx_reference(onnx_path: Path, x: np.ndarray, output_names: list[str]) -> d
     return {n: np.concatenate([r[k] for r in rows]) for k, n in enumerate(output_names)}
 
 
-def reference_for(d: Path, x: np.ndarray, meta: dict) -> tuple[dict, str]:
-    """(outputs, name) of the reference: PyTorch rebuilt from the manifest's source, else ONNX Runtime."""
+def reference_for(d: Path, meta: dict):
+    """(outputs_of(x), name) of the reference: PyTorch rebuilt from the manifest's source, else ONNX Runtime."""
     manifest = d / "manifest.json"
     if manifest.is_file():
         from export.source import build_models
 
         reference, _, _ = build_models(json.loads(manifest.read_text())["source"])
-        return reference_outputs(reference, x, meta), "pytorch"
-    return onnx_reference(d / "model.onnx", x, list(meta["output_names"])), "onnxruntime"
+        return (lambda x: reference_outputs(reference, x, meta)), "pytorch"
+    return (lambda x: onnx_reference(d / "model.onnx", x, list(meta["output_names"]))), "onnxruntime"
 
 
 def mnn_targets(d: Path, names=None) -> list:
@@ -105,20 +105,25 @@ def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names
         raise EdgeportError(f"no MNN target file in {d}; export the model first (make export)")
     gates = merge_gates(gates)
     meta = read_metadata(d)
-    x = sample_batch(meta, n_images=n_images, n_random=n_random, seed=seed)
+    x = {"parity": sample_batch(meta, n_images=n_images, n_random=n_random, seed=seed)}
+    if any(t.inputs == "held_out" for t in chosen):  # int8: images never calibrated on, as on the host
+        x["held_out"] = held_out_inputs(meta, n_images + n_random)
     classifier = meta.get("task", "classification") == "classification"
-    ref, ref_name = reference_for(d, x, meta)
+    reference_of, ref_name = reference_for(d, meta)
+    ref = {kind: reference_of(inputs) for kind, inputs in x.items()}
     rows, guest_versions, by_run = [], {}, {}
     for target in chosen:
         for cpu in [QUICK_CPU[target.precision]] if quick else cpus:
             t0 = time.perf_counter()
-            key = (target.file, cpu, target.precision)
+            key = (target.file, cpu, target.precision, target.inputs)
             if key not in by_run:
-                by_run[key] = guest_infer(d / target.file, x, cpu, MNN_PRECISION[target.precision], cache=cache)
+                by_run[key] = guest_infer(d / target.file, x[target.inputs], cpu, MNN_PRECISION[target.precision],
+                                          cache=cache)
             run = by_run[key]
             guest_versions = run.versions
             compute = "fp16" if target.precision == "low" and run.device.get("fp16") else "fp32"
-            metrics, breaches = judge(target.name, ref, run.outputs, gates[target.name], classifier, meta)
+            metrics, breaches = judge(target.name, ref[target.inputs], run.outputs, gates[target.name], classifier,
+                                      meta)
             raw = [m for m in metrics.values() if "max_rel" in m]  # a detector's "detections" entry has none
             worst = max(raw, key=lambda m: m["max_rel"]) if raw else {}
             judged = detection_gates(target.name, gates[target.name]) if "detections" in metrics \
@@ -131,8 +136,10 @@ def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names
             rows.append(row)
             log(format_row(row))
     report = {"dir": str(d), "model": meta.get("model"), "task": meta.get("task"), "reference": ref_name,
-              "inputs": f"export.inputs.sample_batch(n_images={n_images}, n_random={n_random}, seed={seed})",
-              "n_inputs": int(len(x)), "versions": {**versions(cache), **guest_versions}, "rows": rows,
+              "inputs": f"export.inputs.sample_batch(n_images={n_images}, n_random={n_random}, seed={seed})"
+                        + (f"; int8 targets: export.parity.held_out_inputs(n={len(x['held_out'])})"
+                           if "held_out" in x else ""),
+              "n_inputs": int(len(x["parity"])), "versions": {**versions(cache), **guest_versions}, "rows": rows,
               "passed": all(r["passed"] for r in rows),
               "note": "gates and metrics are export.parity's (export.targets); emulated_seconds is qemu wall "
                       "time: not a proxy for ARM latency"}
