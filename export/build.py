@@ -149,7 +149,12 @@ def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.D
             if target.produce is not None and target.file != ctx.onnx_path.name:
                 with step(f"{target.name} → {target.file}") as progress:
                     ctx.progress = progress or ctx.progress
-                    target.produce(ctx, target)
+                    try:
+                        target.produce(ctx, target)
+                    except EdgeportError as e:
+                        if target.name not in optional:
+                            raise
+                        ctx.records.setdefault(target.name, {})["fallback_breaches"] = [f"{target.name}: {e}"]
                 missed = ctx.records.get(target.name, {}).get("fallback_breaches")
                 if target.name in optional and missed:
                     ctx.path(target.file).unlink(missing_ok=True)

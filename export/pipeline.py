@@ -190,9 +190,9 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
             console.print(f"  [yellow]warning:[/yellow] {name}: {w}")
         if record.get("not_shipped"):
             console.print(f"  [yellow]not shipped:[/yellow] {name} misses its gate against the float model "
-                          f"({record['not_shipped'].replace(name + ': ', '')}, its best candidate with "
-                          f"{len(record['kept_in_float'])} layer(s) in float); --calib DIR with your own images "
-                          f"may help, and --targets ...,{name} makes it a required target")
+                          f"({record['not_shipped']}; best candidate: {len(record.get('kept_in_float') or [])} "
+                          f"layer(s) in float); --calib DIR with your own images may help, and --targets "
+                          f"...,{name} makes it a required target")
         elif record.get("kept_in_float"):
             console.print(f"  {name}: {len(record['kept_in_float'])} layer(s) kept in float")
     for w in built["onnx"]["lint"] + _ignored_options(opts, meta):

@@ -180,6 +180,18 @@ def test_optional_int8_target_that_misses_its_gate_is_not_shipped(tmp_path):
     assert dropped["records"]["ort_int8"]["not_shipped"] == "; ".join(missed)
 
 
+def test_optional_int8_target_whose_quantiser_fails_is_not_shipped(tmp_path, monkeypatch):
+    """A crash of an optional target's producer costs that file, not the export; a required one fails it."""
+    from export.build import build_artifact
+
+    monkeypatch.setattr(quantize, "_QUANT_CHILD", "import sys; sys.exit(3)")
+    meta = {**META, "input_name": "input", "output_names": ["logits"], "task": "classification"}
+    built = build_artifact(tiny_net(), meta, tmp_path, ["ort", "mnn_int8"], optional={"mnn_int8"})
+    assert built["targets"] == ["ort"] and "quantiser failed" in built["records"]["mnn_int8"]["not_shipped"]
+    with pytest.raises(EdgeportError, match="quantiser failed"):
+        build_artifact(tiny_net(), meta, tmp_path, ["ort", "mnn_int8"])
+
+
 def test_export_with_weights_builds_int8_and_ships_only_what_passes(tmp_path):
     """The CLI's default with --weights: both int8 targets are built and judged; each is either shipped (file,
     manifest, parity) or named "not shipped" with its file gone; the export itself does not fail on them."""
