@@ -36,10 +36,11 @@ def _judge(target, ctx, outputs: dict) -> tuple[dict, list[str]]:
     return judge(target.name, ctx.float_eval(), outputs, dict(target.gates), classifier)
 
 
-def _record(ctx, target, kept: list[str], metrics: dict, breaches: list[str], info: dict, **extra) -> None:
+def _record(ctx, target, found, info: dict, **extra) -> None:
     ctx.records[target.name] = {
-        "calibration": info, "kept_in_float": kept, "fallback_metrics_vs_float": metrics,
-        "fallback_breaches": breaches, "evaluated_on": HELD_OUT_DESCRIPTION, **extra}
+        "calibration": info, "kept_in_float": found.kept, "fallback_metrics_vs_float": found.metrics,
+        "fallback_breaches": found.breaches, "fallback_stopped": found.stopped, "evaluated_on": HELD_OUT_DESCRIPTION,
+        **extra}
 
 
 def produce_ort_int8(ctx, target) -> None:
@@ -76,12 +77,11 @@ def produce_ort_int8(ctx, target) -> None:
             ctx.progress("ranking layers by the error each adds")
             return quantize.ort_layer_errors(float_model, quantised([]), x, layers)
 
-        kept, metrics, breaches = quantize.fallback(layers, metrics_without, lambda m: _judge_metrics(target, m),
-                                                    ranked=ranked)
-        model = quantised(kept)
+        found = quantize.fallback(layers, metrics_without, lambda m: _judge_metrics(target, m), ranked=ranked)
+        model = quantised(found.kept)
     set_metadata(model, {**ctx.meta, "precision": "int8"})
     write_atomic(ctx.path(target.file), model.SerializeToString())
-    _record(ctx, target, kept, metrics, breaches, info, method=quantize.ORT_METHOD,
+    _record(ctx, target, found, info, method=quantize.ORT_METHOD,
             qdq_layers=len(quantize.onnx_qdq_layers(model)["qdq"]))
 
 
@@ -132,13 +132,13 @@ def produce_mnn_int8(ctx, target) -> None:
         errors = quantize.ort_layer_errors(float_model, quantize.ort_int8(float_model, calib), x, layers)
         return [(outputs_of[n], s) for n, s in errors]
 
-    kept, metrics, breaches = quantize.fallback(
+    found = quantize.fallback(
         [outputs_of[n] for n in layers], lambda skip: built[method] if not skip else build(method, skip),
         lambda m: _judge_metrics(target, m), ranked=ranked)
-    if on_disk != [(method, kept)]:
-        build(method, kept)  # the file on disk is the chosen candidate
+    if on_disk != [(method, found.kept)]:
+        build(method, found.kept)  # the file on disk is the chosen candidate
     config = {**quantize.MNN_CONFIG, "feature_quantize_method": method}
-    _record(ctx, target, kept, metrics, breaches, info, method=config,
+    _record(ctx, target, found, info, method=config,
             methods_tried={m: v if isinstance(v, str) else {k: {"cosine": o["cosine"], "top1": o.get("top1")}
                                                              for k, o in v.items()}
                            for m, v in tried.items()},

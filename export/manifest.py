@@ -77,6 +77,8 @@ def _record_lines(record: dict) -> list[str]:
     lines.append(f"- {label}: {len(kept)}" + (": " + ", ".join(f"`{k}`" for k in kept) if kept else ""))
     if record.get("fallback_breaches"):
         lines.append("- still breaching against the float model: " + "; ".join(record["fallback_breaches"]))
+    if record.get("fallback_stopped"):
+        lines.append(f"- fallback stopped at its {record['fallback_stopped']}")
     if record.get("not_shipped"):
         lines.append("- **not shipped**: an optional default target (real weights) ships only when its gate "
                      "passes; `--targets` with its name makes it required")

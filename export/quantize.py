@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,6 +28,8 @@ from runtime.atomic import write_atomic
 from . import mnn_convert
 
 FALLBACK_LIMIT = 0.10  # at most this fraction of the quantisable layers is kept in float
+# ... and the search stops after this long (efficientnetv2_s at 384²: ~4 min per MNN candidate, 10+ candidates)
+FALLBACK_BUDGET_S = 900.0
 QUANTISED_OPS = ("Conv", "MatMul", "Gemm")  # the layers the fallback ranks and may keep in float
 # MNN: KL (histogram, scales per tensor) held the gates where EMA did not; see README "int8".
 MNN_CONFIG = {"feature_quantize_method": "KL", "weight_quantize_method": "MAX_ABS"}
@@ -201,34 +205,46 @@ def rank_sensitivity(layers: Sequence[str], evaluate_without: Callable[[list[str
     return sorted(ranked, key=lambda r: -r[1])
 
 
+class Fallback(NamedTuple):
+    kept: list[str]      # layers kept in float
+    metrics: dict        # their metrics ({output: metrics})
+    breaches: list[str]  # empty when the gates pass
+    stopped: str | None  # why the search ended without a pass ("limit ...", "time budget ..."), else None
+
+
 def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict], breaches_of: Callable,
              limit: float = FALLBACK_LIMIT,
-             ranked: list[tuple[str, float]] | Callable[[], list[tuple[str, float]]] | None = None
-             ) -> tuple[list[str], dict, list[str]]:
-    """Keep layers in float, most harmful first, until the gates pass or `limit` of `layers` are kept.
-    `ranked`: the order (or a function computing it, called only when the all-int8 candidate misses the gates);
-    default `rank_sensitivity`.
+             ranked: list[tuple[str, float]] | Callable[[], list[tuple[str, float]]] | None = None,
+             budget_s: float = FALLBACK_BUDGET_S) -> Fallback:
+    """Keep layers in float, most harmful first, until the gates pass, `limit` of `layers` are kept, or the
+    search has run `budget_s` seconds. `ranked`: the order (or a function computing it, called only when the
+    all-int8 candidate misses the gates); default `rank_sensitivity`.
 
-    Returns (layers kept in float, their metrics, breaches): the first candidate that passes, else the best
-    one seen (possibly all-int8, with its breaches); an empty list when no fallback was needed."""
+    Returns the first candidate that passes, else the best one seen (possibly all-int8, with its breaches, and
+    why the search stopped); kept is empty when no fallback was needed."""
+    start = time.monotonic()
     metrics = evaluate_without([])
     breaches = breaches_of(metrics)
     if not breaches:
-        return [], metrics, breaches
+        return Fallback([], metrics, breaches, None)
     ranked = ranked() if callable(ranked) else ranked
     ranked = ranked or rank_sensitivity(layers, evaluate_without, metrics)
     most = max(1, int(limit * len(layers)))
     kept: list[str] = []
     best = ([], metrics, breaches)
+    stopped = f"limit: {most} of {len(layers)} layers in float"
     for layer, _ in ranked[:most]:
+        if time.monotonic() - start > budget_s:
+            stopped = f"time budget: {budget_s:.0f} s, after {len(kept)} layer(s) in float"
+            break
         kept.append(layer)
         metrics = evaluate_without(kept)
         breaches = breaches_of(metrics)
         if not breaches:
-            return list(kept), metrics, breaches
+            return Fallback(list(kept), metrics, breaches, None)
         if score(metrics) > score(best[1]):
             best = (list(kept), metrics, breaches)
-    return best  # the limit reached and the gates still missed: the best candidate seen
+    return Fallback(*best, stopped)  # the gates still missed: the best candidate seen
 
 
 # ---- evidence that the compute is integer ----------------------------------------------------------------

@@ -90,9 +90,22 @@ def test_fallback_rescues_a_model_that_misses_the_gate(tmp_path, data):
 
     assert breaches(evaluate_without([]))  # all-int8 misses the gate
     ranked = quantize.ort_layer_errors(float_model, quantize.ort_int8(float_model, calib), held_out[:8], layers)
-    kept, metrics, left = quantize.fallback(layers, evaluate_without, breaches, limit=0.5, ranked=ranked)
-    assert left == [] and 0 < len(kept) <= 2
+    kept, metrics, left, stopped = quantize.fallback(layers, evaluate_without, breaches, limit=0.5, ranked=ranked)
+    assert left == [] and stopped is None and 0 < len(kept) <= 2
     assert "/4/Conv" in kept  # the conv reading the outlier channel
+
+
+def test_fallback_stops_at_its_limit_or_time_budget_with_the_best_candidate():
+    def evaluate_without(kept):  # each layer kept in float adds 0.03 of cosine
+        return {"logits": {"cosine": 0.93 + 0.03 * len(kept), "top1": 1.0}}
+
+    layers = [f"conv{i}" for i in range(10)]
+    ranked = [(name, 0.0) for name in layers]
+    assert quantize.fallback(layers, evaluate_without, breaches, limit=0.3, ranked=ranked).kept == layers[:2]
+    short = quantize.fallback(layers, evaluate_without, breaches, limit=0.1, ranked=ranked)
+    assert short.kept == layers[:1] and short.breaches and short.stopped.startswith("limit: 1 of 10")
+    timed = quantize.fallback(layers, evaluate_without, breaches, limit=0.3, ranked=ranked, budget_s=0.0)
+    assert timed.kept == [] and timed.stopped.startswith("time budget")
 
 
 def test_strided_calibration_keeps_every_sample(tmp_path, data, monkeypatch):
