@@ -110,6 +110,7 @@ def test_arm_parity_judges_int8_on_held_out_images_like_the_host(tmp_path, monke
         return GuestRun({"logits": np.concatenate(rows)}, [], {}, {})
 
     monkeypatch.setattr(arm, "guest_infer", host_as_guest)
+    monkeypatch.setattr(arm, "versions", lambda cache=None: {})  # no ARM environment needed
     report = arm.check_dir(tmp_path, quick=True, log=lambda line: None)
     assert {r["target"] for r in report["rows"]} == {"mnn_fp32", "mnn_low", "mnn_int8"}
     np.testing.assert_array_equal(seen["model.int8.mnn"], held_out_inputs(meta, 4))
