@@ -29,7 +29,7 @@ from . import mnn_convert
 
 FALLBACK_LIMIT = 0.10  # at most this fraction of the quantisable layers is kept in float
 # ... and the search stops after this long (efficientnetv2_s at 384²: ~4 min per MNN candidate, 10+ candidates)
-FALLBACK_BUDGET_S = 900.0
+FALLBACK_BUDGET_S = 1800.0
 QUANTISED_OPS = ("Conv", "MatMul", "Gemm")  # the layers the fallback ranks and may keep in float
 # MNN: KL (histogram, scales per tensor) held the gates where EMA did not; see README "int8".
 MNN_CONFIG = {"feature_quantize_method": "KL", "weight_quantize_method": "MAX_ABS"}
@@ -217,8 +217,11 @@ def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict
              ranked: list[tuple[str, float]] | Callable[[], list[tuple[str, float]]] | None = None,
              budget_s: float = FALLBACK_BUDGET_S) -> Fallback:
     """Keep layers in float, most harmful first, until the gates pass, `limit` of `layers` are kept, or the
-    search has run `budget_s` seconds. `ranked`: the order (or a function computing it, called only when the
-    all-int8 candidate misses the gates); default `rank_sensitivity`.
+    search has run `budget_s` seconds. The kept set doubles (1, 2, 4, ... the limit): a candidate of a large
+    network costs minutes with MNN, and the harm is spread over many layers (efficientnetv2_s kept 16), so one
+    layer at a time would spend the budget before reaching them; the price is up to 2x the float layers
+    strictly needed. `ranked`: the order (or a function computing it, called only when the all-int8 candidate
+    misses the gates); default `rank_sensitivity`.
 
     Returns the first candidate that passes, else the best one seen (possibly all-int8, with its breaches, and
     why the search stopped); kept is empty when no fallback was needed."""
@@ -229,15 +232,16 @@ def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict
         return Fallback([], metrics, breaches, None)
     ranked = ranked() if callable(ranked) else ranked
     ranked = ranked or rank_sensitivity(layers, evaluate_without, metrics)
-    most = max(1, int(limit * len(layers)))
-    kept: list[str] = []
-    best = ([], metrics, breaches)
+    most = min(max(1, int(limit * len(layers))), len(ranked))
+    sizes = [1 << i for i in range(most.bit_length()) if 1 << i < most] + [most] if most else []
+    best, tried = ([], metrics, breaches), 0
     stopped = f"limit: {most} of {len(layers)} layers in float"
-    for layer, _ in ranked[:most]:
+    for size in sizes:
         if time.monotonic() - start > budget_s:
-            stopped = f"time budget: {budget_s:.0f} s, after {len(kept)} layer(s) in float"
+            stopped = f"time budget: {budget_s:.0f} s (largest candidate tried: {tried} layer(s) in float)"
             break
-        kept.append(layer)
+        tried = size
+        kept = [layer for layer, _ in ranked[:size]]
         metrics = evaluate_without(kept)
         breaches = breaches_of(metrics)
         if not breaches:

@@ -106,6 +106,10 @@ def test_fallback_stops_at_its_limit_or_time_budget_with_the_best_candidate():
     assert short.kept == layers[:1] and short.breaches and short.stopped.startswith("limit: 1 of 10")
     timed = quantize.fallback(layers, evaluate_without, breaches, limit=0.3, ranked=ranked, budget_s=0.0)
     assert timed.kept == [] and timed.stopped.startswith("time budget")
+    tried = []
+    quantize.fallback(layers, lambda kept: tried.append(len(kept)) or {"logits": {"cosine": 0.5}}, breaches,
+                      limit=1.0, ranked=ranked)
+    assert tried == [0, 1, 2, 4, 8, 10]  # the kept set doubles up to the limit
 
 
 def test_strided_calibration_keeps_every_sample(tmp_path, data, monkeypatch):
