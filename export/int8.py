@@ -121,7 +121,11 @@ def produce_mnn_int8(ctx, target) -> None:
     if not built:
         raise EdgeportError(f"MNN int8 quantiser failed with {', '.join(f'{m} ({v})' for m, v in tried.items())}"
                             f" (log: {ctx.log}); retry with another --int8-mnn method or without mnn_int8")
-    method = max(built, key=lambda m: quantize.score(built[m]))
+    method = next(iter(built))
+    for other in built:
+        if quantize.better(built[other], _judge_metrics(target, built[other]),
+                           (built[method], _judge_metrics(target, built[method]))):
+            method = other
 
     float_model = onnx.load(str(ctx.onnx_path))
     layers = quantize.quantisable_nodes(float_model)

@@ -112,6 +112,14 @@ def test_fallback_stops_at_its_limit_or_time_budget_with_the_best_candidate():
     assert tried == [0, 1, 2, 4, 8, 10]  # the kept set doubles up to the limit
 
 
+def test_fewer_breaches_beat_a_higher_worst_metric():
+    """fasternet_t0's MNN methods on near-tied logits: KL misses top-1 only, ADMM misses both gates but has the
+    higher worst metric; KL is the better file."""
+    kl, admm = {"logits": {"cosine": 0.9904, "top1": 0.875}}, {"logits": {"cosine": 0.976, "top1": 0.891}}
+    assert quantize.better(kl, breaches(kl), (admm, breaches(admm)))
+    assert not quantize.better(admm, breaches(admm), (kl, breaches(kl)))
+
+
 def test_strided_calibration_keeps_every_sample(tmp_path, data, monkeypatch):
     """MinMax runs in strides (memory); the ranges must be those of all samples at once, the first stride's
     largest sample included (onnxruntime's CalibMaxIntermediateOutputs silently dropped full strides)."""
