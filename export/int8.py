@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.errors import EdgeportError
 from runtime.atomic import write_atomic
 
 from . import quantize
@@ -90,7 +91,6 @@ def produce_mnn_int8(ctx, target) -> None:
     import onnx
 
     import runtime
-    from models.errors import EdgeportError
 
     from .onnx_export import metadata_json
 
@@ -121,11 +121,7 @@ def produce_mnn_int8(ctx, target) -> None:
     if not built:
         raise EdgeportError(f"MNN int8 quantiser failed with {', '.join(f'{m} ({v})' for m, v in tried.items())}"
                             f" (log: {ctx.log}); retry with another --int8-mnn method or without mnn_int8")
-    method = next(iter(built))
-    for other in built:
-        if quantize.better(built[other], _judge_metrics(target, built[other]),
-                           (built[method], _judge_metrics(target, built[method]))):
-            method = other
+    method = min(built, key=lambda m: quantize.candidate_key(built[m], _judge_metrics(target, built[m])))
 
     float_model = onnx.load(str(ctx.onnx_path))
     layers = quantize.quantisable_nodes(float_model)

@@ -196,10 +196,10 @@ def score(metrics: dict) -> float:
     return min(min(m.get("top1", 1.0), m["cosine"]) for m in metrics.values())
 
 
-def better(metrics: dict, breaches: list[str], than: tuple[dict, list[str]]) -> bool:
-    """Is a candidate better than another: fewer gate breaches first, then `score`. (On near-tied logits top-1
-    is the noisy term: a file that passes cosine and misses top-1 beats one that misses both.)"""
-    return (len(breaches), -score(metrics)) < (len(than[1]), -score(than[0]))
+def candidate_key(metrics: dict, breaches: list[str]) -> tuple[int, float]:
+    """Sort key of candidates, best first: fewer gate breaches, then the higher `score`. (On near-tied logits
+    top-1 is the noisy term: a file that passes cosine and misses top-1 beats one that misses both.)"""
+    return len(breaches), -score(metrics)
 
 
 def rank_sensitivity(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict],
@@ -252,7 +252,7 @@ def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict
         breaches = breaches_of(metrics)
         if not breaches:
             return Fallback(list(kept), metrics, breaches, None)
-        if better(metrics, breaches, best[1:]):
+        if candidate_key(metrics, breaches) < candidate_key(*best[1:]):
             best = (list(kept), metrics, breaches)
     return Fallback(*best, stopped)  # the gates still missed: the best candidate seen
 
