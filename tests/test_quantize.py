@@ -18,6 +18,7 @@ from models.metrics import check_gates
 
 META = {"input_shape": [1, 3, 32, 32], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
         "crop_pct": 0.875, "interpolation": "bicubic"}
+BUILD_META = {**META, "input_name": "input", "output_names": ["logits"], "task": "classification"}  # for build_artifact
 
 
 def tiny_net(outlier: float = 1.0) -> nn.Module:
@@ -192,7 +193,7 @@ def test_optional_int8_target_that_misses_its_gate_is_not_shipped(tmp_path):
     calib.mkdir()
     for i in range(4):
         Image.new("RGB", (40, 40)).save(calib / f"{i}.png")
-    meta = {**META, "input_name": "input", "output_names": ["logits"], "task": "classification"}
+    meta = BUILD_META
     for name in ("required", "optional"):
         (tmp_path / name).mkdir()
     kept = build_artifact(tiny_net(), meta, tmp_path / "required", ["ort", "ort_int8"], calib_dir=str(calib))
@@ -210,7 +211,7 @@ def test_optional_int8_target_whose_quantiser_fails_is_not_shipped(tmp_path, mon
     from export.build import build_artifact
 
     monkeypatch.setattr(quantize, "_QUANT_CHILD", "import sys; sys.exit(3)")
-    meta = {**META, "input_name": "input", "output_names": ["logits"], "task": "classification"}
+    meta = BUILD_META
     built = build_artifact(tiny_net(), meta, tmp_path, ["ort", "mnn_int8"], optional={"mnn_int8"})
     assert built["targets"] == ["ort"] and "quantiser failed" in built["records"]["mnn_int8"]["not_shipped"]
     with pytest.raises(EdgeportError, match="quantiser failed"):
@@ -255,7 +256,7 @@ def test_auto_method_survives_mnns_kl_crash(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 7, padding=3, groups=8),
                         ChannelsFirstNorm(), nn.Conv2d(8, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(16, 10)).eval()
-    meta = {**META, "input_name": "input", "output_names": ["logits"], "task": "classification"}
+    meta = BUILD_META
     built = build_artifact(net, meta, tmp_path, ["ort", "mnn_int8"])
     record = built["records"]["mnn_int8"]
     tried = record["methods_tried"]
