@@ -372,6 +372,18 @@ def test_arm_parity_row_of_a_detector_shows_what_it_is_judged_on():
     assert "17.8px" in line and "0.041" in line and f"score ≤ {gate:g}" in line and "max_rel" not in line
 
 
+def test_arm_parity_row_of_an_int8_file_shows_its_cosine():
+    from benchmarks.arm.parity import format_row
+    from export import targets
+
+    row = {"target": "mnn_int8", "file": "model.int8.mnn", "cpu": "cortex-a53", "compute": "fp32",
+           "reference": "pytorch", "max_rel": 0.0866, "top1": 1.0,
+           "metrics": {"logits": {"max_rel": 0.0866, "cosine": 0.99909, "top1": 1.0}},
+           "gates": dict(targets.get("mnn_int8").gates), "passed": True}
+    line = format_row(row)
+    assert "0.99909" in line and "8.66e-02" not in line and "cosine ≥ 0.99" in line
+
+
 def test_arm_parity_refuses_an_unknown_target_in_one_line(capsys, tmp_path):
     from benchmarks.arm.parity import main as arm_parity_main
 
