@@ -152,5 +152,6 @@ def _candidate(kept) -> str:
 def _judge_metrics(target, metrics: dict) -> list[str]:
     from models.metrics import check_gates
 
-    label = (lambda output: target.name) if len(metrics) == 1 else (lambda output: f"{target.name} {output}")
-    return [b for name, m in metrics.items() for b in check_gates(m, dict(target.gates), label(name))]
+    one = len(metrics) == 1  # a multi-output (features) model's lines name the output
+    return [b for name, m in metrics.items()
+            for b in check_gates(m, dict(target.gates), target.name if one else f"{target.name} {name}")]

@@ -28,7 +28,7 @@ from .build import LOG, build_artifact
 from .install import install, make_build_dir, remove_if_empty
 from .manifest import MANIFEST, file_entries, tool_versions, write_report
 from .quantize import MNN_METHODS
-from .source import ULTRALYTICS, build_models, form_tag, make_source
+from .source import ULTRALYTICS, build_models, form_tag, make_source, task_of
 
 RECOMMENDATION = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "recommendation.json"
 # Used without benchmarks/results/recommendation.json: split_cat ran 14–19 % faster than slicing (ORT, MNN).
@@ -87,22 +87,16 @@ def resolve_forms(model: str, pconv: str, mlp: str, path: Path = RECOMMENDATION)
     return (choice["pconv"] if pconv == "auto" else pconv), (choice["mlp"] if mlp == "auto" else mlp), note
 
 
-def _task(opts: ExportOptions) -> str:
-    """The export's task before any model is built (artifact_meta's "task" afterwards)."""
-    import models
-
-    if models.get_cfg(opts.model).extra.get("task") == "detection":
-        return "detection"
-    return "features" if opts.features_only else "classification"
-
-
 def _check_options(opts: ExportOptions) -> None:
     onnx_export.check_options(opts.opset, opts.exporter, opts.simplifier)
     targets.select(opts.targets or targets.DEFAULT_TARGETS)
     if opts.calib is not None:
+        import models
+
         from .calibration import image_files
 
-        chosen = opts.targets or targets.default_targets(_task(opts), trained=opts.weights is not None)
+        task = task_of(models.get_cfg(opts.model).extra, opts.features_only)  # before any model is built
+        chosen = opts.targets or targets.default_targets(task, trained=opts.weights is not None)
         if not any(targets.get(t).compute == "int8" for t in chosen):
             raise EdgeportError("--calib is only used by int8 targets; add --targets ...,ort_int8,mnn_int8 or drop it")
         image_files(opts.calib)  # a missing, empty or image-free directory fails here, before any work

@@ -106,19 +106,27 @@ def form_tag(meta: dict) -> str:
     return tag + ("-features" if meta["task"] == "features" else "")
 
 
+def task_of(cfg_extra: dict, features_only: bool) -> str:
+    """An export's task: "detection" for a detector (whatever --features-only says), else "features" or
+    "classification"."""
+    if cfg_extra.get("task") == "detection":
+        return "detection"
+    return "features" if features_only else "classification"
+
+
 def artifact_meta(model: nn.Module, source: dict) -> dict:
     """The metadata contract carried by every artifact (ONNX metadata_props "edgeport", MNN bizCode)."""
     cfg = model.default_cfg
     has_pconv, has_mlp = model_forms(model)
-    features = bool(source["features_only"])
+    task = task_of(cfg["extra"], bool(source["features_only"]))
     size = source["img_size"]
-    if cfg["extra"].get("task") == "detection":
+    if task == "detection":
         return _detector_meta(model, source, has_pconv, has_mlp)
     return {
         "edgeport_version": edgeport_version(),
         "model": source["model"],
         "family": cfg["family"],
-        "task": "features" if features else "classification",
+        "task": task,
         "input_name": "input",
         "input_shape": [-1 if source["dynamic_batch"] else source["batch"], 3, size, size],
         "layout": "NCHW",
@@ -126,8 +134,8 @@ def artifact_meta(model: nn.Module, source: dict) -> dict:
         "std": [float(v) for v in cfg["std"]],
         "crop_pct": float(cfg["crop_pct"]),
         "interpolation": cfg["interpolation"],
-        "num_classes": 0 if features else int(cfg["num_classes"]),
-        "output_names": list(FEATURE_NAMES) if features else ["logits"],
+        "num_classes": 0 if task == "features" else int(cfg["num_classes"]),
+        "output_names": list(FEATURE_NAMES) if task == "features" else ["logits"],
         "pconv": source["pconv"] if has_pconv else None,
         "mlp": source["mlp"] if has_mlp else None,
         "weights_sha256": source["weights_sha256"],
