@@ -21,6 +21,7 @@ from models.errors import EdgeportError
 
 from . import graph, onnx_export, targets
 from ._console import redirect_fds
+from .producers import PRODUCERS
 
 LOG = "export.log"
 
@@ -150,7 +151,7 @@ def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.D
                 with step(f"{target.name} → {target.file}") as progress:
                     ctx.progress = progress or ctx.progress
                     try:
-                        target.produce(ctx, target)
+                        PRODUCERS[target.produce](ctx, target)
                     except EdgeportError as e:
                         if target.name not in optional:
                             raise

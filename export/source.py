@@ -250,7 +250,8 @@ def _load_weights(model: nn.Module, source: dict) -> None:
 
 
 def _load_ultralytics(source: dict) -> nn.Module:
-    from models.ultralytics_ckpt import is_ultralytics_checkpoint, load_ultralytics
+    from models.ultralytics_ckpt import is_ultralytics_checkpoint
+    from models.yolo11 import load_ultralytics
 
     path = _checked_weights(source)
     if not is_ultralytics_checkpoint(path):

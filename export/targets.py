@@ -2,19 +2,19 @@
 it, and what it must prove. Everything else (the export CLI, parity on the host and under ARM emulation,
 bisection, benchmarks, tests) reads this registry; adding a target is adding a record here.
 
-A target's `produce(ctx, target)` writes `file` into the build directory from the float ONNX (`ctx.onnx_path`) or
-from another target's file. `made_from` names the stage the file was derived from: bisection compares a
-breaching target with that stage first, to tell an inherited divergence from a new one.
+A target's `produce` names its maker in `export.producers` (kept apart so that this registry is data, below
+parity and the int8 producers that import it), which writes `file` into the build directory from the float ONNX
+(`ctx.onnx_path`) or from another target's file. `made_from` names the stage the file was derived from:
+bisection compares a breaching target with that stage first, to tell an inherited divergence from a new one.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from models.errors import EdgeportError
 
-from . import mnn_convert
 from .gelu import DEFAULT_METHOD as EXACT_GELU
 
 INFERENCE = "torch_inference"  # the PyTorch inference form: a stage every target is judged after, not a file
@@ -32,7 +32,7 @@ class Target:
     made_from: str             # the stage it is derived from (bisection's first suspect)
     gates: Mapping[str, float]  # {metric: threshold} against the PyTorch training form (export.parity)
     description: str
-    produce: Callable | None = None  # produce(ctx: build.BuildContext, target) writes `file`; None: runs another's
+    produce: str | None = None  # its maker in export.producers.PRODUCERS (writes `file`); None: runs another's
     default: bool = True       # part of every export unless --targets says otherwise
     for_detectors: bool = True  # with `default`: part of a detector's default export too
     default_when_trained: bool = False  # part of the default when the export has real weights (--weights),
@@ -44,22 +44,6 @@ class Target:
     detection_gates: Mapping[str, float] = field(default_factory=lambda: DET_FP32)  # for detectors instead
     inputs: str = "parity"     # what it is judged on: "parity" (export.inputs.sample_batch) or "held_out"
                                # (export.calibration.evaluation_batch: images never calibrated on)
-
-
-def _mnn(precision: str):
-    """MNN's converter with its `precision` flags (export.mnn_convert.PRECISIONS), from the float ONNX with the
-    target's GELU (export.gelu lowers erf-GELU exactly; "tanh" is MNN's fused approximation)."""
-    def produce(ctx, target: Target) -> None:
-        from .onnx_export import metadata_json
-
-        mnn_convert.convert(ctx.mnn_source(target.gelu), ctx.path(target.file),
-                            metadata_json({**ctx.meta, "precision": precision, "gelu": target.gelu}), precision,
-                            log_path=ctx.log, verbose=ctx.verbose, gelu_approximation=target.gelu == "tanh")
-    return produce
-
-
-def _onnx(ctx, target: Target) -> None:
-    """Nothing to do: model.onnx is the build's first product, every other file derives from it."""
 
 
 def _gates(**limits) -> Mapping[str, float]:
@@ -89,14 +73,14 @@ TARGETS: tuple[Target, ...] = (
     Target(INFERENCE, None, "torch", "fp32", "reference", _gates(max_rel=1e-5),
            "PyTorch inference form (models.to_inference)", bisect="torch"),
     Target("ort", "model.onnx", "onnxruntime", "fp32", INFERENCE, _gates(max_rel=1e-5),
-           "ONNX, fp32 (ONNX Runtime)", produce=_onnx),
+           "ONNX, fp32 (ONNX Runtime)", produce="onnx"),
     Target("mnn_fp32", "model.mnn", "mnn", "fp32", "ort", _gates(max_rel=1e-4),
-           "MNN, fp32, exact GELU (lowered to vectorised ops)", produce=_mnn("fp32"), gelu=EXACT_GELU),
+           "MNN, fp32, exact GELU (lowered to vectorised ops)", produce="mnn_fp32", gelu=EXACT_GELU),
     Target("mnn_fp16w", "model.fp16.mnn", "mnn", "fp32", "ort", _gates(max_rel=1e-2),
-           "MNN, fp16-stored weights, fp32 arithmetic, MNN's tanh GELU", produce=_mnn("fp16"), gelu="tanh",
+           "MNN, fp16-stored weights, fp32 arithmetic, MNN's tanh GELU", produce="mnn_fp16", gelu="tanh",
            detection_gates=DET_FP16),
     Target("mnn_int8w", "model.int8w.mnn", "mnn", "fp32", "ort", _gates(max_rel=5e-2, top1=0.9),
-           "MNN, int8-stored weights, fp32 arithmetic, MNN's tanh GELU", produce=_mnn("int8w"), gelu="tanh",
+           "MNN, int8-stored weights, fp32 arithmetic, MNN's tanh GELU", produce="mnn_int8w", gelu="tanh",
            detection_gates=DET_INT8, for_detectors=False),
     Target("mnn_low", "model.mnn", "mnn", "low", "mnn_fp32", _gates(max_rel=3e-2),
            "MNN, fp32 file with precision='low' (fp16 arithmetic on ARMv8.2+; fp32 on x86)", compute="fp16",
@@ -105,23 +89,15 @@ TARGETS: tuple[Target, ...] = (
            "MNN, fp16-stored weights with precision='low' (fp16 arithmetic on ARMv8.2+)", compute="fp16",
            gelu="tanh", detection_gates=DET_FP16_ARITH, for_detectors=False),
 )
-def _int8(kind: str):
-    def produce(ctx, target: Target) -> None:
-        from . import int8
-
-        getattr(int8, f"produce_{kind}_int8")(ctx, target)
-    return produce
-
-
 INT8_GATES = _gates(cosine=0.99, top1=0.95)
 TARGETS += (
     Target("ort_int8", "model.int8.onnx", "onnxruntime", "fp32", "ort", INT8_GATES,
            "ONNX, int8 QDQ (calibrated activations; ONNX Runtime fuses QLinearConv/MatMul)",
-           produce=_int8("ort"), default=False, default_when_trained=True, for_detectors=False, compute="int8",
+           produce="ort_int8", default=False, default_when_trained=True, for_detectors=False, compute="int8",
            inputs="held_out", bisect="none", detection_gates=DET_INT8),
     Target("mnn_int8", "model.int8.mnn", "mnn", "fp32", "mnn_fp32", INT8_GATES,
            "MNN, int8 convolutions (offline quantiser, calibrated feature scales)",
-           produce=_int8("mnn"), default=False, default_when_trained=True, for_detectors=False, compute="int8",
+           produce="mnn_int8", default=False, default_when_trained=True, for_detectors=False, compute="int8",
            inputs="held_out", bisect="none", gelu="tanh", detection_gates=DET_INT8),
 )
 TARGET_BY_NAME: Mapping[str, Target] = MappingProxyType({t.name: t for t in TARGETS})

@@ -1,8 +1,8 @@
 """edgeport model zoo: FasterNet, ConvNeXt, InceptionNeXt, EfficientNetV2 and YOLO11 detectors (PyTorch, timm-style
 registry)."""
-from ._registry import ModelCfg, create_model, get_cfg, list_models, register_model
+from ._registry import ModelCfg, get_cfg, list_models, register_model
 from .calibrate import calibrate_bn, make_realistic, scale_head
-from .checkpoint import load_checkpoint, read_state_dict, save_checkpoint
+from .checkpoint import create_model, load_checkpoint, read_state_dict, save_checkpoint
 from .errors import EdgeportError
 from .inference import (
                         assert_equivalent,

@@ -84,8 +84,8 @@ def _entry(name: str) -> _Entry:
         raise EdgeportError(f"unknown model '{name}'; closest: {', '.join(close)}") from None
 
 
-def create_model(name: str, weights=None, features_only: bool = False, **overrides) -> nn.Module:
-    """Build a registered model; `weights` is a checkpoint path or state_dict in any supported layout."""
+def build_model(name: str, features_only: bool = False, **overrides) -> nn.Module:
+    """Build a registered model with fresh weights (models.create_model also loads a checkpoint)."""
     entry = _entry(name)
     model = entry.fn(features_only=features_only, **overrides)
     cfg = entry.cfg
@@ -93,8 +93,4 @@ def create_model(name: str, weights=None, features_only: bool = False, **overrid
         cfg = ModelCfg(**{**cfg.to_dict(), "num_classes": overrides["num_classes"]})
     model.default_cfg = {**cfg.to_dict(), "architecture": name}
     model.model_name = name
-    if weights is not None:
-        from .checkpoint import load_checkpoint
-
-        load_checkpoint(model, weights)
     return model

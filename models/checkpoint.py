@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ._registry import checkpoint_converter
+from ._registry import build_model, checkpoint_converter
 from .errors import EdgeportError
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_ema", "module")
@@ -144,6 +144,14 @@ def convert_state_dict(state_dict: Mapping, model: nn.Module) -> dict[str, torch
     sd = convert(dict(state_dict), model) if convert else dict(state_dict)
     own = model.state_dict()
     return {k: _fit_pointwise(v, own[k]) if k in own else v for k, v in sd.items()}
+
+
+def create_model(name: str, weights=None, features_only: bool = False, **overrides) -> nn.Module:
+    """Build a registered model; `weights` is a checkpoint path or state_dict in any supported layout."""
+    model = build_model(name, features_only=features_only, **overrides)
+    if weights is not None:
+        load_checkpoint(model, weights)
+    return model
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True) -> dict:

@@ -7,8 +7,8 @@ and torch.nn layers). Each such class is replaced by `ModuleStub`, which only ke
 `builtins.eval`, `subprocess.Popen`, a numpy or pathlib object — is refused with a one-line EdgeportError
 naming it, before anything from the file runs.
 
-    load_ultralytics(path) -> (YOLO11 model, info)     strict, fp16 weights → float32
-    read_ultralytics(path) -> (state_dict, yaml, info)  for models.load_checkpoint
+    read_ultralytics(path) -> (state_dict, yaml, info)  for models.load_checkpoint and
+                                                        models.yolo11.load_ultralytics
     is_ultralytics_checkpoint(path) -> bool
 """
 from __future__ import annotations
@@ -20,10 +20,8 @@ import types
 import zipfile
 
 import torch
-from torch import nn
 
 from .errors import EdgeportError
-from .layers import ConvNormAct
 
 # Globals a checkpoint may name, and what they become. Modules from these packages become stubs.
 _STUB_PACKAGES = ("ultralytics.", "torch.nn.modules.")  # module classes only: their code never runs
@@ -175,84 +173,3 @@ def read_ultralytics(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         "stub": model,
     }
     return sd, yaml_cfg, info
-
-
-def load_ultralytics(path) -> tuple[torch.nn.Module, dict]:
-    """An Ultralytics YOLO11 checkpoint → (our YOLO11 model in eval mode with its weights, info).
-
-    Strict: every key and shape must match. `model.default_cfg` is the registered yolo11 config with the
-    checkpoint's class count, names and input size."""
-    from .checkpoint import convert_state_dict
-    from .yolo11 import YOLO11, _cfg
-
-    sd, yaml_cfg, info = read_ultralytics(path)
-    stub = info.pop("stub")
-    if info["task"] not in (None, "detect"):
-        raise EdgeportError(f"{info['path']}: a '{info['task']}' model; only detection (task 'detect') is supported")
-    model = YOLO11(yaml_cfg)
-    sd = _convert_zoo_backbones(sd, model, convert_state_dict)
-    _load_strict(model, sd, info["path"])
-    _adopt_activations(model, stub, info["path"])
-    if info["stride"] and [float(s) for s in model.model[-1].stride] != info["stride"]:
-        raise EdgeportError(f"{info['path']}: strides {info['stride']} differ from the rebuilt model's "
-                            f"{list(model.model[-1].stride)}")
-    cfg = _cfg().to_dict()
-    size = info["imgsz"] if isinstance(info["imgsz"], int) else 640
-    cfg.update(input_size=(3, size, size), num_classes=model.nc,
-               extra={**cfg["extra"], "names": info["names"], "source": "ultralytics",
-                      "ultralytics_version": info["ultralytics_version"]},
-               architecture=f"yolo11{model.yaml['scale'] or ''}")
-    model.default_cfg = cfg
-    model.model_name = os.path.splitext(os.path.basename(info["path"]))[0]
-    return model.eval(), info
-
-
-def _convert_zoo_backbones(sd, model, convert):
-    """A zoo backbone at layer 0 may come in its official layout (the seeds' forks): map it like
-    models.load_checkpoint does for the backbone alone."""
-    for pos, multi in enumerate(model.multi_out):
-        if not multi:
-            continue
-        prefix = f"model.{pos}."
-        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        if sub:
-            sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
-            sd.update({prefix + k: v for k, v in convert(sub, model.model[pos]).items()})
-    return sd
-
-
-def _load_strict(model, sd, path):
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = [f"{what}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
-                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched))
-                 if keys]
-        raise EdgeportError(f"{path}: weights do not fit the model its YAML describes ({'; '.join(parts)})")
-    model.load_state_dict(sd, strict=True)
-
-
-_ACTIVATIONS = {
-    "torch.nn.modules.activation.SiLU": nn.SiLU,
-    "torch.nn.modules.linear.Identity": nn.Identity,
-}
-
-
-def _adopt_activations(model, stub, path):
-    """Each Conv's activation as pickled (Ultralytics 8.4 builds SPPF.cv1 without one, 8.3 with SiLU)."""
-    for name, m in model.named_modules():
-        if not isinstance(m, ConvNormAct):
-            continue
-        node = stub
-        for part in name.split("."):
-            node = (node.__dict__.get("_modules") or {}).get(part) if isinstance(node, ModuleStub) else None
-        act = (node.__dict__.get("_modules") or {}).get("act") if isinstance(node, ModuleStub) else None
-        if act is None:  # our layout for a zoo backbone, or a module without a pickled activation
-            continue
-        cls = _ACTIVATIONS.get(act.pickled_class)
-        if cls is None:
-            raise EdgeportError(f"{path}: {name} uses activation {act.pickled_class}; only SiLU and identity are "
-                                "supported")
-        m.act = cls()

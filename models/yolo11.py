@@ -24,8 +24,10 @@ import torch
 from torch import nn
 
 from ._registry import ModelCfg, register_model
+from .checkpoint import convert_state_dict
 from .errors import EdgeportError
 from .layers import ConvNormAct
+from .ultralytics_ckpt import ModuleStub, read_ultralytics
 
 # Ultralytics' initialize_weights sets every BatchNorm2d to eps=1e-3, momentum=0.03; checkpoints do not store eps,
 # so a model built with PyTorch's 1e-5 would load strictly and still compute something else.
@@ -378,7 +380,7 @@ def _check_layer(i, layer):
 def parse_model(cfg: dict, scale: str | None = None, ch: int = 3):
     """(layers, froms, multi_out, scale): Ultralytics' parse_model for the YOLO11 blocks, plus a registered zoo
     model name as a features-only backbone. Unknown blocks raise EdgeportError naming the layer."""
-    from ._registry import create_model, list_models
+    from ._registry import build_model, list_models
 
     nc = cfg.get("nc", 80)
     if cfg.get("activation") not in (None, "nn.SiLU()"):
@@ -414,7 +416,7 @@ def parse_model(cfg: dict, scale: str | None = None, ch: int = 3):
         elif name == "nn.Upsample":
             c2 = chs[f]
         elif name in list_models() and index == 0:
-            backbone = create_model(name, features_only=True, **(dict(args[0]) if args else {}))
+            backbone = build_model(name, features_only=True, **(dict(args[0]) if args else {}))
             c2 = list(_feature_channels(backbone, ch))
             layers.append(backbone)
             froms.append(fi)
@@ -640,4 +642,84 @@ def yolo11n_inception_next_atto(features_only=False, **kwargs):
 def ultralytics(features_only=False, **kwargs):
     """The detector an Ultralytics checkpoint describes (its own YAML): built by export.source from the file."""
     raise EdgeportError("model 'ultralytics' is built from an Ultralytics checkpoint: python -m export path/to/best.pt "
-                        "(or models.ultralytics_ckpt.load_ultralytics)")
+                        "(or models.yolo11.load_ultralytics)")
+
+
+# ---- Ultralytics checkpoints (read by models.ultralytics_ckpt's restricted unpickler) ----
+
+def load_ultralytics(path) -> tuple[torch.nn.Module, dict]:
+    """An Ultralytics YOLO11 checkpoint → (our YOLO11 model in eval mode with its weights, info).
+
+    Strict: every key and shape must match. `model.default_cfg` is the registered yolo11 config with the
+    checkpoint's class count, names and input size."""
+    sd, yaml_cfg, info = read_ultralytics(path)
+    stub = info.pop("stub")
+    if info["task"] not in (None, "detect"):
+        raise EdgeportError(f"{info['path']}: a '{info['task']}' model; only detection (task 'detect') is supported")
+    model = YOLO11(yaml_cfg)
+    sd = _convert_zoo_backbones(sd, model, convert_state_dict)
+    _load_strict(model, sd, info["path"])
+    _adopt_activations(model, stub, info["path"])
+    if info["stride"] and [float(s) for s in model.model[-1].stride] != info["stride"]:
+        raise EdgeportError(f"{info['path']}: strides {info['stride']} differ from the rebuilt model's "
+                            f"{list(model.model[-1].stride)}")
+    cfg = _cfg().to_dict()
+    size = info["imgsz"] if isinstance(info["imgsz"], int) else 640
+    cfg.update(input_size=(3, size, size), num_classes=model.nc,
+               extra={**cfg["extra"], "names": info["names"], "source": "ultralytics",
+                      "ultralytics_version": info["ultralytics_version"]},
+               architecture=f"yolo11{model.yaml['scale'] or ''}")
+    model.default_cfg = cfg
+    model.model_name = os.path.splitext(os.path.basename(info["path"]))[0]
+    return model.eval(), info
+
+
+def _convert_zoo_backbones(sd, model, convert):
+    """A zoo backbone at layer 0 may come in its official layout (the seeds' forks): map it like
+    models.load_checkpoint does for the backbone alone."""
+    for pos, multi in enumerate(model.multi_out):
+        if not multi:
+            continue
+        prefix = f"model.{pos}."
+        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if sub:
+            sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+            sd.update({prefix + k: v for k, v in convert(sub, model.model[pos]).items()})
+    return sd
+
+
+def _load_strict(model, sd, path):
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{what}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mismatched))
+                 if keys]
+        raise EdgeportError(f"{path}: weights do not fit the model its YAML describes ({'; '.join(parts)})")
+    model.load_state_dict(sd, strict=True)
+
+
+_ACTIVATIONS = {
+    "torch.nn.modules.activation.SiLU": nn.SiLU,
+    "torch.nn.modules.linear.Identity": nn.Identity,
+}
+
+
+def _adopt_activations(model, stub, path):
+    """Each Conv's activation as pickled (Ultralytics 8.4 builds SPPF.cv1 without one, 8.3 with SiLU)."""
+    for name, m in model.named_modules():
+        if not isinstance(m, ConvNormAct):
+            continue
+        node = stub
+        for part in name.split("."):
+            node = (node.__dict__.get("_modules") or {}).get(part) if isinstance(node, ModuleStub) else None
+        act = (node.__dict__.get("_modules") or {}).get("act") if isinstance(node, ModuleStub) else None
+        if act is None:  # our layout for a zoo backbone, or a module without a pickled activation
+            continue
+        cls = _ACTIVATIONS.get(act.pickled_class)
+        if cls is None:
+            raise EdgeportError(f"{path}: {name} uses activation {act.pickled_class}; only SiLU and identity are "
+                                "supported")
+        m.act = cls()

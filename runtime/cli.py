@@ -7,6 +7,10 @@ import os
 import sys
 import warnings
 
+from .errors import EdgeRuntimeError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its errors on one stderr line (no usage block), still exit status 2."""
@@ -34,8 +38,6 @@ def for_each_image(paths, handle, show, quiet: bool) -> tuple[list[dict], int]:
     """(results, failures): `handle(path)` → a result dict per image; an image that fails with
     EdgeRuntimeError gets {"image", "error"} and one `error:` line, and the rest still run. Unless `quiet`
     (JSON output), `show(result)` prints each success as it comes."""
-    from .errors import EdgeRuntimeError
-
     results, failed = [], 0
     for path in paths:
         try:
@@ -76,3 +78,39 @@ def cli_main(main, argv=None) -> int:
         return 1
 
 
+MAX_LABELS_BYTES = 16 << 20  # 1000 ImageNet names take 30 KB; this keeps /dev/zero or a video from being read
+
+
+def read_labels(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise EdgeRuntimeError(f"{path}: no such labels file (or not a regular file)")
+    if os.path.getsize(path) > MAX_LABELS_BYTES:
+        raise EdgeRuntimeError(f"{path}: {os.path.getsize(path)} bytes, too large for a labels file "
+                               "(one class name a line)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            labels = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeRuntimeError(f"{path}: cannot read labels ({e})") from None
+    while labels and not labels[-1]:
+        labels.pop()
+    return labels
+
+
+def expand_images(args: list[str]) -> list[str]:
+    """Directories → their image files (sorted); files, even missing ones, are kept to get their own error."""
+    paths = []
+    for arg in args:
+        if os.path.isdir(arg):
+            try:
+                names = os.listdir(arg)
+            except OSError as e:
+                raise EdgeRuntimeError(f"{arg}: cannot list directory ({e.strerror})") from None
+            found = sorted(os.path.join(arg, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+            if not found:
+                kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+                raise EdgeRuntimeError(f"{arg}: directory has no image files ({kinds})")
+            paths.extend(found)
+        else:
+            paths.append(arg)
+    return paths

@@ -13,49 +13,17 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .cli import OneLineParser, cli_main, for_each_image, int_in
+from .cli import OneLineParser, cli_main, expand_images, for_each_image, int_in, read_labels
 from .errors import EdgeRuntimeError
 from .images import load_image
+from .preprocess import PAD_VALUE, Letterbox, letterbox
 
 DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET = 0.25, 0.45, 300
 MAX_NMS = 30000  # candidates kept for NMS, best first (Ultralytics' max_nms)
-PAD_VALUE = 114  # Ultralytics' letterbox grey
-
-
-@dataclass(frozen=True)
-class Letterbox:
-    """Where the original image sits in the network input: input = original · scale + (left, top)."""
-
-    scale: float
-    left: int
-    top: int
-    width: int  # original size
-    height: int
-
-
-def letterbox(img: Image.Image, size: tuple[int, int], pad_value: int = PAD_VALUE, mean=(0.0, 0.0, 0.0),
-              std=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, Letterbox]:
-    """RGB image → ([1, 3, H, W] float32 in 0..1 (then (x - mean) / std), placement).
-
-    Ultralytics' convention: scale to fit (up or down) keeping the aspect ratio, round the scaled size, centre it,
-    pad with grey; Ultralytics splits an odd padding as round(d/2 ∓ 0.1), as here. Resampling is Pillow's bilinear
-    (Ultralytics uses OpenCV's, which does not antialias when shrinking)."""
-    th, tw = size
-    w, h = img.size
-    r = min(th / h, tw / w)
-    nw, nh = int(round(w * r)), int(round(h * r))
-    dw, dh = (tw - nw) / 2, (th - nh) / 2
-    left, top = int(round(dw - 0.1)), int(round(dh - 0.1))
-    canvas = Image.new("RGB", (tw, th), (pad_value,) * 3)
-    canvas.paste(img.resize((nw, nh), Image.Resampling.BILINEAR) if (nw, nh) != (w, h) else img, (left, top))
-    x = np.asarray(canvas, dtype=np.float32) / np.float32(255.0)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))[None], Letterbox(r, left, top, w, h)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -232,7 +200,6 @@ def format_result(path: str, dets: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from .infer import expand_images, read_labels
     from .predictor import load
 
     args = parse_args(argv)

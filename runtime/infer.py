@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import numpy as np
 
-from .cli import OneLineParser, cli_main, for_each_image, int_in
+from .cli import OneLineParser, cli_main, expand_images, for_each_image, int_in, read_labels
 from .errors import EdgeRuntimeError
 from .predictor import Predictor, load
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 MAX_BENCH_RUNS = 1_000_000
 DEFAULT_TOPK = 5
 
@@ -51,44 +49,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bench", type=int_in(0, MAX_BENCH_RUNS), default=0, metavar="N",
                    help="also time N inferences on the first image: load time, latency median / p90")
     return p.parse_args(argv)
-
-
-MAX_LABELS_BYTES = 16 << 20  # 1000 ImageNet names take 30 KB; this keeps /dev/zero or a video from being read
-
-
-def read_labels(path: str) -> list[str]:
-    if not os.path.isfile(path):
-        raise EdgeRuntimeError(f"{path}: no such labels file (or not a regular file)")
-    if os.path.getsize(path) > MAX_LABELS_BYTES:
-        raise EdgeRuntimeError(f"{path}: {os.path.getsize(path)} bytes, too large for a labels file "
-                               "(one class name a line)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            labels = [line.strip() for line in f]
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgeRuntimeError(f"{path}: cannot read labels ({e})") from None
-    while labels and not labels[-1]:
-        labels.pop()
-    return labels
-
-
-def expand_images(args: list[str]) -> list[str]:
-    """Directories → their image files (sorted); files, even missing ones, are kept to get their own error."""
-    paths = []
-    for arg in args:
-        if os.path.isdir(arg):
-            try:
-                names = os.listdir(arg)
-            except OSError as e:
-                raise EdgeRuntimeError(f"{arg}: cannot list directory ({e.strerror})") from None
-            found = sorted(os.path.join(arg, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
-            if not found:
-                kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
-                raise EdgeRuntimeError(f"{arg}: directory has no image files ({kinds})")
-            paths.extend(found)
-        else:
-            paths.append(arg)
-    return paths
 
 
 def infer_one(predictor: Predictor, path: str, topk: int, labels) -> dict:

@@ -200,11 +200,3 @@ class Predictor:
                 raise EdgeRuntimeError(f"{len(labels)} labels given; the model has {logits.shape[1]} classes")
             results.extend(softmax_topk(row, topk, labels) for row in logits)
         return results
-
-    def detect(self, images, conf: float = 0.25, iou: float = 0.45, max_det: int = 300,
-               labels: Sequence[str] | None = None) -> list[list[dict]]:
-        """Paths or PIL images (or one) → per image [{"box": [x1, y1, x2, y2] in original pixels, "score",
-        "class"[, "label"]}, ...], best first (runtime.detect: letterbox, NMS in numpy)."""
-        from .detect import detect
-
-        return detect(self, images, conf, iou, max_det, labels)

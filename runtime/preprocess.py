@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -23,6 +24,7 @@ RESIZES = ("crop", "letterbox")  # timm's resize + centre crop; Ultralytics' sca
 # Peak memory of one forward, as a multiple of its float32 input: the widest activations of our families at
 # stride 2-4 (e.g. 96 channels at 1/4 side = 2x the input) plus the preprocessing buffers, with a margin.
 ACTIVATION_FACTOR = 32
+PAD_VALUE = 114  # Ultralytics' letterbox grey
 MIN_CROP_PCT = 0.1  # smaller would resize the shorter side to over 10x the input size
 
 
@@ -118,8 +120,37 @@ def preprocess(img: Image.Image, meta: dict) -> np.ndarray:
     check_metadata(meta)
     h, w = meta["input_shape"][-2:]
     if meta.get("resize") == "letterbox":
-        from .detect import PAD_VALUE, letterbox
-
         return letterbox(to_rgb(img), (h, w), meta.get("pad_value", PAD_VALUE), meta["mean"], meta["std"])[0]
     img = resize_crop(to_rgb(img), (h, w), meta["crop_pct"], meta["interpolation"])
     return normalize(img, meta["mean"], meta["std"])[None]
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Where the original image sits in the network input: input = original · scale + (left, top)."""
+
+    scale: float
+    left: int
+    top: int
+    width: int  # original size
+    height: int
+
+
+def letterbox(img: Image.Image, size: tuple[int, int], pad_value: int = PAD_VALUE, mean=(0.0, 0.0, 0.0),
+              std=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, Letterbox]:
+    """RGB image → ([1, 3, H, W] float32 in 0..1 (then (x - mean) / std), placement).
+
+    Ultralytics' convention: scale to fit (up or down) keeping the aspect ratio, round the scaled size, centre it,
+    pad with grey; Ultralytics splits an odd padding as round(d/2 ∓ 0.1), as here. Resampling is Pillow's bilinear
+    (Ultralytics uses OpenCV's, which does not antialias when shrinking)."""
+    th, tw = size
+    w, h = img.size
+    r = min(th / h, tw / w)
+    nw, nh = int(round(w * r)), int(round(h * r))
+    dw, dh = (tw - nw) / 2, (th - nh) / 2
+    left, top = int(round(dw - 0.1)), int(round(dh - 0.1))
+    canvas = Image.new("RGB", (tw, th), (pad_value,) * 3)
+    canvas.paste(img.resize((nw, nh), Image.Resampling.BILINEAR) if (nw, nh) != (w, h) else img, (left, top))
+    x = np.asarray(canvas, dtype=np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))[None], Letterbox(r, left, top, w, h)

@@ -8,7 +8,8 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from export.detection_parity import check_detection_gates, compare_detections, detection_gates
-from runtime.detect import box_iou, letterbox, main, nms, to_original
+from runtime.detect import box_iou, main, nms, to_original
+from runtime.preprocess import letterbox
 
 SIZE = 64
 

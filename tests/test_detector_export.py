@@ -49,7 +49,7 @@ def test_runtime_detect_equals_pytorch_after_nms(exported, file):
     predictor = runtime.load(exported / file)
     total = 0
     for _, img in sample_images()[:6]:
-        (got,) = predictor.detect([img])
+        (got,) = rdetect.detect(predictor, [img])
         x, lb = rdetect.letterbox(img, (SIZE, SIZE))
         with torch.no_grad():
             boxes, scores = reference(torch.from_numpy(x))

@@ -14,8 +14,8 @@ import models
 from models.calibrate import calibrate_bn, randomize_affine
 from models.errors import EdgeportError
 from models.inference import to_inference
-from models.ultralytics_ckpt import is_ultralytics_checkpoint, load_ultralytics, read_ultralytics
-from models.yolo11 import YOLO11, YOLO11_YAML
+from models.ultralytics_ckpt import is_ultralytics_checkpoint, read_ultralytics
+from models.yolo11 import YOLO11, YOLO11_YAML, load_ultralytics
 
 
 @pytest.fixture(scope="module")

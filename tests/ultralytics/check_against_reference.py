@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from models.ultralytics_ckpt import load_ultralytics
+from models.yolo11 import load_ultralytics
 
 RTOL = 1e-4
 
