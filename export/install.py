@@ -1,27 +1,60 @@
 """Where an export is built and how it replaces the previous one.
 
-A build happens in OUT/MODEL/.build-<pid>-XXXX and is renamed into place only whole, under a per-destination
-lock, so concurrent runs end with one complete directory. A failed export (parity breach) never replaces a
+A build happens in OUT/MODEL/.build-<pid>-XXXX and is renamed into place only whole, under the destination's
+lock (`destination_lock`, the one lock every writer of an export directory takes: this install and
+`python -m export.parity --write`), so concurrent runs end with one complete directory whose manifest matches
+its files. A destination that is not an export (a user's file or directory) is refused, never moved aside.
+A failed export (parity breach) never replaces a
 passing one: it goes beside it as <tag>.failed. Build directories of processes that died (SIGKILL, power
 loss) are swept by the next run.
 """
 from __future__ import annotations
 
-import fcntl
-import json
+import errno
 import os
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock, Timeout
 
 from models.errors import EdgeportError
 from runtime.atomic import umask
 
+from .manifest import MANIFEST
+
 BUILD_PREFIX = ".build-"
 FAILED_SUFFIX = ".failed"
 STALE_AFTER_S = 24 * 3600  # a build dir without a readable pid is swept once this old
+
+
+# What ran out, and what the user can do: the environment failing is bad input (exit 2), not a bug of ours.
+_RAN_OUT = {
+    errno.ENOSPC: ("no space left on device", "free space or use --out elsewhere"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota or use --out elsewhere"),
+    errno.EROFS: ("read-only file system", "use --out on a writable file system"),
+    errno.EACCES: ("permission denied", "check the permissions or use --out elsewhere"),
+    errno.EPERM: ("operation not permitted", "check the permissions or use --out elsewhere"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or close other programs"),
+    errno.ENFILE: ("too many open files on the system", "close other programs"),
+    errno.ENOMEM: ("out of memory", "use a smaller model, batch or --img-size, or free memory"),
+    errno.EIO: ("input/output error", "check the disk"),
+}
+
+
+def environment_failure(e: BaseException, doing: str) -> str | None:
+    """One line saying what ran out while `doing` and what to do, for an OSError of the environment (ENOSPC,
+    EDQUOT, EROFS, EACCES, EMFILE, ENOMEM, ...) or a MemoryError; None for anything else (a bug: re-raise)."""
+    if isinstance(e, MemoryError):
+        return f"out of memory while {doing}; {_RAN_OUT[errno.ENOMEM][1]}"
+    if not isinstance(e, OSError) or e.errno not in _RAN_OUT:
+        return None
+    what, fix = _RAN_OUT[e.errno]
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{what} while {doing}{where}; {fix}"
 
 
 def _alive(pid: int) -> bool:
@@ -73,22 +106,47 @@ def remove_if_empty(directory: Path) -> None:
 
 
 @contextmanager
-def destination_lock(dest: Path):
-    """An exclusive lock on one destination directory (a lock file beside it), held while it is replaced."""
-    lock_path = dest.with_name(f".{dest.name}.lock")
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def destination_lock(dest: Path, waiting: Callable[[str], None] | None = None):
+    """The exclusive lock of one destination directory (a lock file beside it, .<name>.lock), held by every
+    writer while it reads and replaces the directory. `waiting(message)` is told when another writer holds it."""
+    dest = Path(dest)
+    lock = FileLock(dest.with_name(f".{dest.name}.lock"), preserve_lock_file=True)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if waiting:
+            waiting(f"waiting for another writer of {dest} to finish")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _status(directory: Path) -> str | None:
+    from .schemas import read_manifest
+
     try:
-        return json.loads((directory / "manifest.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
+        return read_manifest(directory)["status"]
+    except EdgeportError:
         return None
+
+
+def check_replaceable(dest: Path) -> None:
+    """EdgeportError unless `dest` is absent or an export directory (it holds a manifest.json, or nothing): a
+    user's file or directory there is never moved aside or deleted."""
+    if not os.path.lexists(dest):
+        return
+    if dest.is_symlink() or not dest.is_dir():
+        kind = "a symbolic link" if dest.is_symlink() else "a file"
+        raise EdgeportError(f"{dest} is {kind}, not an export directory; move it away or choose another --out")
+    try:
+        if (dest / MANIFEST).is_file() or not any(dest.iterdir()):
+            return
+    except OSError as e:
+        raise EdgeportError(f"cannot read {dest}: {e.strerror or e}; check its permissions") from None
+    raise EdgeportError(f"{dest} is a directory without an export's {MANIFEST}; it is not replaced: move it away "
+                        "or choose another --out")
 
 
 def install(build: Path, dest: Path, status: str) -> Path:
@@ -99,9 +157,11 @@ def install(build: Path, dest: Path, status: str) -> Path:
     try:
         with destination_lock(dest):
             failed = dest.with_name(dest.name + FAILED_SUFFIX)
+            check_replaceable(dest)
+            check_replaceable(failed)
             if status == "failed" and _status(dest) == "passed":
                 dest = failed
-            elif failed.is_dir():  # superseded by this export
+            elif os.path.lexists(failed):  # superseded by this export
                 shutil.rmtree(failed, ignore_errors=True)
             _replace(build, dest)
     except OSError as e:

@@ -479,25 +479,28 @@ def describe_bisection(b: dict) -> str:
 
 
 def manifest_targets(manifest: dict) -> list[str]:
-    """The targets an export shipped: as recorded, else (older manifests) those whose file it lists."""
+    """The targets an export shipped: as recorded, else (older manifests) those whose file it lists. Each
+    named target must be a registered one (EdgeportError otherwise)."""
     recorded = (manifest.get("export") or {}).get("targets")
-    if isinstance(recorded, list) and all(isinstance(t, str) and t in targets.TARGET_BY_NAME for t in recorded):
-        return recorded
-    files = manifest.get("files") or {}
-    return [t.name for t in targets.ARTIFACTS if t.file in files]
+    if recorded is None:
+        return [t.name for t in targets.ARTIFACTS if t.file in (manifest.get("files") or {})]
+    unknown = [t for t in recorded if t not in targets.TARGET_BY_NAME or t not in ARTIFACT_NAMES]
+    if unknown:
+        raise EdgeportError(f"manifest field export.targets names {', '.join(map(repr, unknown))}, not artifact "
+                            f"targets (known: {', '.join(ARTIFACT_NAMES)}); re-export")
+    return list(recorded)
+
+
+ARTIFACT_NAMES = tuple(t.name for t in targets.ARTIFACTS)
 
 
 def verify_files(directory: Path, manifest: dict) -> str | None:
-    """Why the directory is not what its manifest lists (a file missing, or its sha256 differs), or None."""
+    """Why the directory is not what its manifest lists (a file missing, or its sha256 differs), or None.
+    `manifest` has been read through export.schemas.Manifest (entries well-formed, names without a path)."""
     from .manifest import sha256_file
 
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        return f"{directory / 'manifest.json'} lists no files; re-export"
-    for name, entry in files.items():
+    for name, entry in manifest["files"].items():
         path = directory / name
-        if not isinstance(entry, dict) or "sha256" not in entry or Path(name).name != name:
-            return f"manifest entry for {name!r} is malformed; re-export"
         if not path.is_file():
             return f"{name} listed in the manifest is missing from {directory}; re-export"
         if sha256_file(path) != entry["sha256"]:
@@ -505,65 +508,128 @@ def verify_files(directory: Path, manifest: dict) -> str | None:
     return None
 
 
+# Per-file fields: an artifact's metadata names its own precision (and MNN GELU form); the manifest holds fp32's.
+PER_FILE_FIELDS = ("precision", "gelu")
+
+
+def _first_difference(have: dict, want: dict, skip=()) -> str | None:
+    for key in sorted({*have, *want} - set(skip)):
+        if key not in have:
+            return f"field {key} missing (expected {want[key]!r})"
+        if key not in want:
+            return f"field {key} unexpected ({have[key]!r})"
+        if have[key] != want[key]:
+            return f"field {key} is {have[key]!r}, expected {want[key]!r}"
+    return None
+
+
+def embedded_metadata(path: Path, target: targets.Target) -> dict:
+    """The metadata an artifact carries (ONNX metadata_props "edgeport", MNN bizCode), read by the runtime as a
+    board reads it; EdgeportError when the runtime refuses the file."""
+    import runtime
+    from runtime.errors import EdgeRuntimeError
+
+    try:
+        with stdout_silenced():
+            return runtime.load(path, backend=target.engine).meta
+    except EdgeRuntimeError as e:
+        raise EdgeportError(str(e)) from None
+
+
+def metadata_disagreements(directory: Path, manifest: dict, meta: dict, target_names) -> list[str]:
+    """What makes the directory's metadata other than what its source rebuilds (`meta`), one line each naming
+    the file and field: the manifest's "metadata" against `meta` (the code's version aside), then each shipped
+    artifact's embedded metadata against the manifest's (its own precision aside)."""
+    lines = []
+    recorded = manifest["metadata"]
+    diff = _first_difference(recorded, meta, skip=("edgeport_version",))
+    if diff:
+        lines.append(f"manifest.json metadata disagrees with the source checkpoint's: {diff}")
+    for target in targets.select(target_names):
+        path = directory / target.file
+        if not path.is_file():
+            continue  # run_parity reports the missing file
+        try:
+            embedded = embedded_metadata(path, target)
+        except EdgeportError as e:
+            lines.append(f"{target.file}: its metadata is refused by the runtime ({e})")
+            continue
+        diff = _first_difference(embedded, recorded, skip=PER_FILE_FIELDS)
+        if diff:
+            lines.append(f"{target.file} embedded metadata disagrees with manifest.json: {diff}")
+    return list(dict.fromkeys(lines))
+
+
 def _load_gates(text: str | None) -> dict | None:
+    """The --gates override: a JSON object or a (regular, small) JSON file of {target: {metric: threshold}}."""
+    from runtime.documents import read_bytes
+
     if not text:
         return None
     try:
-        raw = Path(text).read_text() if os.path.isfile(text) else text
+        raw = read_bytes(text, "--gates file", 1 << 20, EdgeportError) if os.path.isfile(text) else text
         gates = json.loads(raw)
-    except (OSError, ValueError) as e:
+    except (ValueError, RecursionError) as e:
         raise EdgeportError(f"--gates is neither a JSON object nor a readable JSON file ({e})") from None
     if not isinstance(gates, dict):
         raise EdgeportError('--gates must be a JSON object like {"mnn_fp32": {"max_rel": 1e-4}}')
     return gates
 
 
+def write_parity_json(directory: Path, result: dict) -> None:
+    try:
+        write_json(directory / "parity.json", {k: v for k, v in result.items() if k != "markdown"})
+    except OSError as e:
+        raise EdgeportError(f"cannot write {directory / 'parity.json'}: {e.strerror or e}; make the "
+                            "directory writable or run without --write") from None
+
+
 def main(argv=None) -> int:
-    p = OneLineParser(prog="python -m export.parity", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m export.parity", description=__doc__.splitlines()[0],
+                      epilog="Trusted: this code (the target registry's gates) and the source checkpoint the "
+                             "manifest names; judged: every file in ARTIFACT_DIR, the manifest included (its "
+                             "recorded gates are never used). Exit status: 0 passed, 1 parity failed (a gate "
+                             "breached, a file or its metadata not what the source rebuilds), 2 bad input "
+                             "(not an export, a malformed manifest, a bad option, the environment failed).")
     p.add_argument("artifact_dir", type=Path, help="an export directory (artifacts/<model>/<form-tag>)")
-    p.add_argument("--gates", help="JSON object (or file) laid over the export's gates, e.g. "
-                                   '{"mnn_fp32": {"max_rel": 1e-4}}')
+    p.add_argument("--gates", help="JSON object (or file) laid over the registry's gates, e.g. "
+                                   '{"mnn_fp32": {"max_rel": 1e-4}}; printed and recorded as gates_override')
     p.add_argument("--n-images", type=int, default=16, help="photos in the input set (+4 random tensors)")
     p.add_argument("--no-bisect", action="store_true", help="skip the first-diverging-layer search")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--write", action="store_true",
-                   help="rewrite ARTIFACT_DIR/parity.json (left alone by default: the manifest hashes it)")
+                   help="rewrite ARTIFACT_DIR/parity.json (left alone by default: the manifest hashes it), "
+                        "under the directory's lock")
     args = p.parse_args(argv)
     try:
-        gates = _load_gates(args.gates)
+        override = _load_gates(args.gates)
+        merge_gates(override)  # validated before any work
         d = args.artifact_dir
         if not d.is_dir():
             raise EdgeportError(f"artifact directory not found: {d} (make one with `make export MODEL=...`)")
-        manifest_path = d / "manifest.json"
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            raise EdgeportError(f"{manifest_path} missing or not JSON; pass an export directory "
-                                "(artifacts/<model>/<form-tag>) or re-export") from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("source"), dict):
-            raise EdgeportError(f"{manifest_path} has no 'source' to rebuild the model from; re-export")
-        # The gates the export was judged by (they may be custom), then the command line's on top.
-        recorded = (manifest.get("parity") or {}).get("gates") or {}
-        merge_gates(gates)  # validates the command line's gates before mixing them in
-        gates = {b: {**recorded.get(b, {}), **(gates or {}).get(b, {})} for b in {*recorded, *(gates or {})}}
-        tampered = verify_files(d, manifest)
-        if tampered:
-            print(f"parity FAILED: {tampered}", file=sys.stderr)
-            return 1
-        from .source import build_models
+        if args.write:
+            from .install import destination_lock
 
-        reference, inference, meta = build_models(manifest["source"])
-        result = run_parity(d, reference, inference, meta, gates=gates, n_images=args.n_images,
-                            bisect=not args.no_bisect, write=args.write, target_names=manifest_targets(manifest))
-        if args.write and "parity.json" in manifest["files"]:  # the manifest hashes it: keep them in step
-            from .manifest import sha256_file
-
-            written = d / "parity.json"
-            manifest["files"]["parity.json"] = {"size": written.stat().st_size, "sha256": sha256_file(written)}
-            write_json(manifest_path, manifest)
+            with destination_lock(d, waiting=lambda m: print(f"parity: {m}", file=sys.stderr, flush=True)):
+                code, result = _check(d, args, override)
+        else:
+            code, result = _check(d, args, override)
     except EdgeportError as e:
-        print(f"parity: {e}", file=sys.stderr)
+        print(f"parity: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError) as e:
+        from .install import environment_failure
+
+        line = environment_failure(e, "running parity" + (" --write" if args.write else ""))
+        if line is None:
+            raise
+        print(f"parity: {line}", file=sys.stderr)
+        return 2
+    if code:
+        print(f"parity FAILED: {result}", file=sys.stderr)
+        return code
+    if override:
+        print(f"gates overridden from the command line (recorded as gates_override): {json.dumps(override)}")
     if args.json:
         print(json.dumps(jsonable({k: v for k, v in result.items() if k != "markdown"}), indent=2))
     else:
@@ -574,6 +640,34 @@ def main(argv=None) -> int:
             print(f"  bisection {backend}: {describe_bisection(b)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check(d: Path, args, override: dict | None) -> tuple[int, dict | str]:
+    """(0, result) after running parity, or (1, why) when the directory is not what its source rebuilds."""
+    from .schemas import read_manifest
+    from .source import build_models
+
+    manifest = read_manifest(d)
+    shipped = manifest_targets(manifest)
+    tampered = verify_files(d, manifest)
+    if tampered:
+        return 1, tampered
+    reference, inference, meta = build_models(manifest["source"])
+    disagreements = metadata_disagreements(d, manifest, meta, shipped)
+    if disagreements:
+        return 1, "; ".join(disagreements)
+    result = run_parity(d, reference, inference, meta, gates=override, n_images=args.n_images,
+                        bisect=not args.no_bisect, write=False, target_names=shipped)
+    result["gates_override"] = override
+    if args.write:
+        write_parity_json(d, result)
+        if "parity.json" in manifest["files"]:  # the manifest hashes it: keep them in step
+            from .manifest import MANIFEST, sha256_file
+
+            written = d / "parity.json"
+            manifest["files"]["parity.json"] = {"size": written.stat().st_size, "sha256": sha256_file(written)}
+            write_json(d / MANIFEST, manifest)
+    return 0, result
 
 
 if __name__ == "__main__":

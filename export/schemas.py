@@ -1,0 +1,81 @@
+"""The export's documents as read back from a directory (manifest.json, parity.json), declared once.
+
+They are read only through `read_manifest` / `read_parity_json` (runtime.documents: a regular file, bounded
+size and depth, one line naming the field). A schema states types and ranges; what a value must equal (the
+source's metadata, the files' hashes, the registry's gates) is judged by export.parity."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+
+from models.errors import EdgeportError
+from runtime.documents import read_document
+
+SHA256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
+FileName = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^/\\\x00]+$")]
+Number = Union[int, float]
+Gates = dict[str, dict[str, Number]]
+REEXPORT = "re-export (python -m export ...) rather than editing it"
+
+
+class Source(msgspec.Struct):
+    """What the export was built from (export.source.make_source); ranges are checked by source._check_source."""
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    weights: Annotated[str, msgspec.Meta(max_length=4096)] | None
+    weights_sha256: SHA256 | None
+    seed: int
+    img_size: int
+    batch: int
+    dynamic_batch: bool
+    features_only: bool
+    pconv: str | None
+    mlp: str | None
+    calibrated: bool
+
+
+class FileEntry(msgspec.Struct):
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    sha256: SHA256
+
+
+class ExportRecord(msgspec.Struct):
+    targets: list[str] | None = None  # older manifests: the targets whose files are listed
+
+
+class ParityRecord(msgspec.Struct):
+    """The verdict part of parity.json (also the manifest's "parity")."""
+    passed: bool | None = None
+    breaches: list[str] = []
+    gates: Gates = {}
+    status: Literal["passed", "failed", "skipped"] | None = None
+
+
+class Manifest(msgspec.Struct):
+    status: Literal["passed", "failed", "unchecked"]
+    source: Source
+    metadata: dict[str, Any]
+    export: ExportRecord
+    files: Annotated[dict[FileName, FileEntry], msgspec.Meta(min_length=1)]
+    parity: ParityRecord
+    form_tag: str | None = None
+
+
+class ParityReport(ParityRecord):
+    """parity.json as export.parity writes it."""
+    results: dict[str, dict[str, Any]] = {}
+    gates_override: Gates | None = None
+
+
+def read_manifest(directory) -> dict:
+    """DIRECTORY/manifest.json through the Manifest schema, as plain data."""
+    path = Path(directory) / "manifest.json"
+    return read_document(path, Manifest, "manifest", f"pass an export directory or {REEXPORT}",
+                         error=EdgeportError)
+
+
+def read_parity_json(directory) -> dict:
+    """DIRECTORY/parity.json through the ParityReport schema, as plain data."""
+    return read_document(Path(directory) / "parity.json", ParityReport, "parity report",
+                         "run python -m export.parity DIR --write", error=EdgeportError)
