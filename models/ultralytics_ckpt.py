@@ -18,8 +18,12 @@ import os
 import pickle
 import types
 import zipfile
+from typing import Annotated, Any
 
+import msgspec
 import torch
+
+from runtime.documents import check_document
 
 from .errors import EdgeportError
 
@@ -39,6 +43,55 @@ _ALLOWED = {
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
 }
+
+
+MAX_REPEATS, MAX_ARG = 64, 8192  # Ultralytics' largest: 6 repeats (x scale), 1536 channels; beyond is a typo
+Repeats = Annotated[int, msgspec.Meta(ge=1, le=MAX_REPEATS)]
+Layer = tuple[int | list[int], Repeats, str, list[Any]]  # [from, repeats, module, args]
+Multiplier = Annotated[float, msgspec.Meta(gt=0, le=16)]
+Scale = tuple[Multiplier, Multiplier, Annotated[float, msgspec.Meta(gt=0)]]  # [depth, width, max_channels]
+
+
+class ModelYaml(msgspec.Struct):
+    """An Ultralytics model YAML (a file, a checkpoint's pickled dict or one of ours), as parse_model reads it;
+    other keys (yaml_file, ch, ...) are ignored."""
+    backbone: Annotated[list[Layer], msgspec.Meta(min_length=1, max_length=1000)]
+    head: Annotated[list[Layer], msgspec.Meta(max_length=1000)] = []
+    nc: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 80
+    scales: dict[str, Scale] | None = None
+    scale: str | None = None
+    depth_multiple: Multiplier = 1.0
+    width_multiple: Multiplier = 1.0
+    activation: str | None = None
+    reg_max: Annotated[int, msgspec.Meta(ge=1, le=64)] = 16
+    end2end: bool | None = None
+
+
+def check_yaml(cfg, what: str = "model YAML") -> None:
+    """EdgeportError naming the first field of `cfg` that is not a model YAML's."""
+    check_document(cfg, ModelYaml, what, "fix the model YAML or re-save the checkpoint with Ultralytics",
+                   error=EdgeportError)
+
+
+ClassName = Annotated[str, msgspec.Meta(max_length=1000)]
+ClassIndex = Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+Size = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Names(msgspec.Struct):
+    """The class names a checkpoint's model carries: {index: name} (Ultralytics) or a list."""
+    names: dict[ClassIndex, ClassName] | list[ClassName] | None = None
+
+
+class TrainArgs(msgspec.Struct):
+    """The training arguments a checkpoint carries, of which the export reads two (others are ignored)."""
+    imgsz: Size | Annotated[list[Size], msgspec.Meta(min_length=1, max_length=2)] | None = None
+    task: str | None = None
+
+
+def _checked(path: str, obj, schema, what: str):
+    return check_document(obj, schema, f"{path}: {what}", "re-save the checkpoint with Ultralytics",
+                          error=EdgeportError)
 
 
 class ModuleStub:
@@ -155,21 +208,28 @@ def read_ultralytics(path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     yaml_cfg = model.__dict__.get("yaml")
     if not isinstance(yaml_cfg, dict) or "backbone" not in yaml_cfg:
         raise EdgeportError(f"{path}: the checkpoint's model carries no model YAML dict ({model.pickled_class})")
+    check_yaml(yaml_cfg, f"{path}: model YAML")
     sd = {k: _float32(v) for k, v in _state_of(model).items()}
-    names = model.__dict__.get("names")
+    names = _checked(path, {"names": model.__dict__.get("names")}, Names, "model").names
     stride = model.__dict__.get("stride")
-    train_args = ckpt.get("train_args") if isinstance(ckpt.get("train_args"), dict) else {}
+    train_args = ckpt.get("train_args")
+    train_args = msgspec.to_builtins(_checked(path, train_args, TrainArgs, "train_args")) if train_args else {}
+    imgsz = train_args.get("imgsz")
+    if isinstance(imgsz, list):
+        if len(set(imgsz)) > 1:
+            raise EdgeportError(f"{path}: train_args field imgsz is {imgsz}, not square; pass --img-size")
+        imgsz = imgsz[0]
     info = {
         "path": path,
         "class": model.pickled_class,
         "weights": "ema" if ckpt.get("ema") is not None else "model",
         "dtype": str(next(iter(_state_of(model).values())).dtype).replace("torch.", "") if sd else None,
-        "names": [str(names[i]) for i in sorted(names)] if isinstance(names, dict) else None,
+        "names": ([names[i] for i in sorted(names)] if isinstance(names, dict) else names) or None,
         "stride": [float(s) for s in stride] if isinstance(stride, torch.Tensor) else None,
         "ultralytics_version": ckpt.get("version"),
         "date": ckpt.get("date"),
-        "imgsz": train_args.get("imgsz"),
-        "task": train_args.get("task", "detect"),
+        "imgsz": imgsz,
+        "task": train_args.get("task") or "detect",
         "stub": model,
     }
     return sd, yaml_cfg, info

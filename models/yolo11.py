@@ -27,7 +27,7 @@ from ._registry import ModelCfg, register_model
 from .checkpoint import convert_state_dict
 from .errors import EdgeportError
 from .layers import ConvNormAct
-from .ultralytics_ckpt import ModuleStub, read_ultralytics
+from .ultralytics_ckpt import MAX_ARG, ModuleStub, check_yaml, read_ultralytics
 
 # Ultralytics' initialize_weights sets every BatchNorm2d to eps=1e-3, momentum=0.03; checkpoints do not store eps,
 # so a model built with PyTorch's 1e-5 would load strictly and still compute something else.
@@ -369,12 +369,16 @@ def _scale_of(cfg: dict, scale: str | None):
     return scale, depth, width, max_channels
 
 
-def _check_layer(i, layer):
-    if not (isinstance(layer, (list, tuple)) and len(layer) == 4 and isinstance(layer[2], str)
-            and isinstance(layer[3], (list, tuple))
-            and (isinstance(layer[0], int) or (isinstance(layer[0], (list, tuple))
-                                                and all(isinstance(j, int) for j in layer[0])))):
-        raise EdgeportError(f"model YAML layer {i}: expected [from, repeats, module, args], got {layer!r}")
+def _check_layer(index: int, fi, args, available: int) -> None:
+    """A layer's inputs must come from layers before it; its numeric arguments within reason (a typo of
+    10**9 channels or repeats would exhaust memory rather than fail)."""
+    for j in ([fi] if isinstance(fi, int) else fi):
+        if not -available <= j < available:
+            raise EdgeportError(f"model YAML layer {index}: input index {j} is out of range (the {available} "
+                                "layer(s) before it)")
+    for a in args:
+        if isinstance(a, (int, float)) and not isinstance(a, bool) and not abs(a) <= MAX_ARG:
+            raise EdgeportError(f"model YAML layer {index}: argument {a!r} is out of range (|value| ≤ {MAX_ARG})")
 
 
 def parse_model(cfg: dict, scale: str | None = None, ch: int = 3):
@@ -382,6 +386,7 @@ def parse_model(cfg: dict, scale: str | None = None, ch: int = 3):
     model name as a features-only backbone. Unknown blocks raise EdgeportError naming the layer."""
     from ._registry import build_model, list_models
 
+    check_yaml(cfg)
     nc = cfg.get("nc", 80)
     if cfg.get("activation") not in (None, "nn.SiLU()"):
         raise EdgeportError(f"model YAML activation {cfg['activation']!r} is not supported (YOLO11 uses nn.SiLU())")
@@ -392,13 +397,16 @@ def parse_model(cfg: dict, scale: str | None = None, ch: int = 3):
     if not rows:
         raise EdgeportError("model YAML has no 'backbone'/'head' layers")
     index = 0  # Ultralytics' layer index (a zoo backbone takes several)
-    for row_no, layer in enumerate(rows):
-        _check_layer(row_no, layer)
+    for layer in rows:
         f, n, name, args = layer
         args = [_resolve_arg(a, nc) for a in args]
+        _check_layer(index, f, args, len(chs))
         n = max(round(n * depth), 1) if n > 1 else n
         fi = f if isinstance(f, int) else list(f)
         if name in _CHANNEL_BLOCKS:
+            if not isinstance(f, int) or not args or not isinstance(args[0], (int, float)) or args[0] <= 0:
+                raise EdgeportError(f"model YAML layer {index}: {name} takes one input and a positive channel "
+                                    f"count first, got from={f!r}, args={args!r}")
             c1, c2 = chs[f], make_divisible(min(args[0], max_channels) * width, 8)
             args = [c1, c2, *args[1:]]
             if name in _REPEAT_BLOCKS:
@@ -414,6 +422,8 @@ def parse_model(cfg: dict, scale: str | None = None, ch: int = 3):
             args.extend([cfg.get("reg_max", REG_MAX), cfg.get("end2end"), [chs[j] for j in fi]])
             c2 = None
         elif name == "nn.Upsample":
+            if not isinstance(f, int):
+                raise EdgeportError(f"model YAML layer {index}: nn.Upsample takes one input, got from={f!r}")
             c2 = chs[f]
         elif name in list_models() and index == 0:
             backbone = build_model(name, features_only=True, **(dict(args[0]) if args else {}))
@@ -432,8 +442,8 @@ def parse_model(cfg: dict, scale: str | None = None, ch: int = 3):
         try:
             block = BLOCKS[name]
             module = nn.Sequential(*(block(*args) for _ in range(n))) if n > 1 else block(*args)
-        except (TypeError, ValueError) as e:
-            raise EdgeportError(f"model YAML layer {index} ({name} {args}): {e}") from None
+        except (TypeError, ValueError, RuntimeError, IndexError, ZeroDivisionError, OverflowError) as e:
+            raise EdgeportError(f"model YAML layer {index} ({name} {args}): {' '.join(str(e).split())[:200]}") from None
         layers.append(module)
         froms.append(fi)
         multi.append(False)
