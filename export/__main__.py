@@ -151,12 +151,26 @@ def _main(argv) -> int:
     except EdgeportError as e:
         print(f"export: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except (OSError, MemoryError) as e:  # the environment failed (disk full, quota, read-only, fds, memory)
+        from .install import environment_failure
+
+        line = environment_failure(e, "exporting")
+        if line is None:
+            raise
+        print(f"export: error: {_one_line(line)} (previous artifacts untouched)", file=sys.stderr)
+        return 2
     return 1 if manifest["status"] == "failed" else 0
 
 
 def _is_checkpoint_path(model: str) -> bool:
-    """A file path rather than a registered name (names have no dots or slashes)."""
-    return os.sep in model or model.endswith((".pt", ".pth")) or os.path.isfile(model)
+    """A file path rather than a registered name. A registered name is always the model, even when a file of
+    that name is in the working directory (write ./NAME for the file)."""
+    from models import list_models
+
+    if model in list_models():
+        return False
+    return os.sep in model or (os.altsep or os.sep) in model or model.endswith((".pt", ".pth")) \
+        or os.path.isfile(model)
 
 
 if __name__ == "__main__":

@@ -47,10 +47,14 @@ def make_source(model: str, weights=None, img_size: int | None = None, batch: in
         weights = os.path.abspath(os.fspath(weights))
         if not os.path.isfile(weights) or not os.access(weights, os.R_OK):
             raise EdgeportError(f"weights file not found or not readable: {weights}")
-    default_size = cfg.input_size[-1]
-    if model == ULTRALYTICS:
-        default_size = _ultralytics_size(weights)
-    img_size = default_size if img_size is None else img_size
+    if img_size is None and model == ULTRALYTICS:  # not the user's value: never reported as --img-size
+        img_size = _ultralytics_size(weights)
+        try:
+            check_size(img_size, batch, seed, ("the checkpoint's training size (train_args imgsz)",
+                                               *OPTION_LABELS[1:]))
+        except EdgeportError as e:
+            raise EdgeportError(f"{e}; pass --img-size N (a multiple of 32) to export at another size") from None
+    img_size = cfg.input_size[-1] if img_size is None else img_size
     check_size(img_size, batch, seed)
     return {"model": model, "weights": weights, "weights_sha256": sha256_file(weights) if weights else None,
             "seed": seed, "img_size": img_size, "batch": batch, "dynamic_batch": dynamic_batch,
@@ -77,20 +81,27 @@ MAX_SEED = 2**32 - 1
 MAX_PIXELS = 64 * 2048 * 2048
 
 
-def check_size(img_size, batch, seed) -> None:
-    """Bounds of the numeric options (also applied to a manifest's source record, which may be hand-edited)."""
-    for name, value in (("--img-size", img_size), ("--batch", batch), ("--seed", seed)):
+OPTION_LABELS = ("--img-size", "--batch", "--seed")
+SOURCE_LABELS = tuple(f"source record field {k}" for k in ("img_size", "batch", "seed"))
+
+
+def check_size(img_size, batch, seed, labels: tuple[str, str, str] = OPTION_LABELS) -> None:
+    """Bounds of the numeric options. `labels` say where each value came from (the command line's options by
+    default; a manifest's source record, which may be hand-edited, or a checkpoint), so an error never blames
+    an option the user did not pass."""
+    size_label, batch_label, seed_label = labels
+    for name, value in zip(labels, (img_size, batch, seed)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise EdgeportError(f"{name} must be an integer, got {value!r}")
     if img_size < 32 or img_size % 32:
-        raise EdgeportError(f"--img-size {img_size} must be a positive multiple of 32 (the total stride)")
+        raise EdgeportError(f"{size_label} {img_size} must be a positive multiple of 32 (the total stride)")
     if batch < 1:
-        raise EdgeportError(f"--batch {batch} must be at least 1")
+        raise EdgeportError(f"{batch_label} {batch} must be at least 1")
     if batch * img_size * img_size > MAX_PIXELS:
-        raise EdgeportError(f"--img-size {img_size} with --batch {batch} needs more memory than an export can "
-                            f"have (batch × size² ≤ {MAX_PIXELS:,}); use a smaller size or batch")
+        raise EdgeportError(f"{size_label} {img_size} with {batch_label} {batch} needs more memory than an export "
+                            f"can have (batch × size² ≤ {MAX_PIXELS:,}); use a smaller size or batch")
     if not 0 <= seed <= MAX_SEED:
-        raise EdgeportError(f"--seed {seed} must be between 0 and {MAX_SEED}")
+        raise EdgeportError(f"{seed_label} {seed} must be between 0 and {MAX_SEED}")
 
 
 def model_forms(model: nn.Module) -> tuple[bool, bool]:
@@ -220,7 +231,7 @@ def _check_source(source: dict) -> None:
         models.get_cfg(source["model"])
     except (KeyError, TypeError, EdgeportError):
         raise EdgeportError(f"source record names an unknown model {source['model']!r}; re-export") from None
-    check_size(source["img_size"], source["batch"], source["seed"])
+    check_size(source["img_size"], source["batch"], source["seed"], SOURCE_LABELS)
     for key in ("dynamic_batch", "features_only", "calibrated"):
         if not isinstance(source[key], bool):
             raise EdgeportError(f"source record field {key} must be true or false, got {source[key]!r}")

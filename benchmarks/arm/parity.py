@@ -75,11 +75,11 @@ def onnx_reference(onnx_path: Path, x: np.ndarray, output_names: list[str]) -> d
 
 def reference_for(d: Path, meta: dict):
     """(outputs_of(x), name) of the reference: PyTorch rebuilt from the manifest's source, else ONNX Runtime."""
-    manifest = d / "manifest.json"
-    if manifest.is_file():
+    if (d / "manifest.json").is_file():
+        from export.schemas import read_manifest
         from export.source import build_models
 
-        reference, _, _ = build_models(json.loads(manifest.read_text())["source"])
+        reference, _, _ = build_models(read_manifest(d)["source"])
         return (lambda x: reference_outputs(reference, x, meta)), "pytorch"
     return (lambda x: onnx_reference(d / "model.onnx", x, list(meta["output_names"]))), "onnxruntime"
 
@@ -87,9 +87,10 @@ def reference_for(d: Path, meta: dict):
 def mnn_targets(d: Path, names=None) -> list:
     """The MNN targets whose file is in `d`: those named, if `names`; else those its manifest says were exported
     (a detector's default export leaves out targets that share a file with one it ships); else every one."""
-    manifest = d / "manifest.json"
-    if names is None and manifest.is_file():
-        names = manifest_targets(json.loads(manifest.read_text()))
+    if names is None and (d / "manifest.json").is_file():
+        from export.schemas import read_manifest
+
+        names = manifest_targets(read_manifest(d))
     found = [t for t in targets.ARTIFACTS if t.engine == "mnn" and (d / t.file).is_file()]
     return [t for t in found if names is None or t.name in names]
 
