@@ -53,12 +53,13 @@ class ParityRecord(msgspec.Struct):
 
 
 class Manifest(msgspec.Struct):
-    status: Literal["passed", "failed", "unchecked"]
+    """What the export wrote (export.pipeline); required: what parity and install rely on."""
     source: Source
     metadata: dict[str, Any]
-    export: ExportRecord
     files: Annotated[dict[FileName, FileEntry], msgspec.Meta(min_length=1)]
-    parity: ParityRecord
+    export: ExportRecord = msgspec.field(default_factory=ExportRecord)
+    status: Literal["passed", "failed", "unchecked"] | None = None
+    parity: ParityRecord = msgspec.field(default_factory=ParityRecord)
     form_tag: str | None = None
 
 

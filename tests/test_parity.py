@@ -40,14 +40,15 @@ def export_artifact(out, inference, meta, target_names=("ort", "mnn_fp32"), sour
     out.mkdir(parents=True, exist_ok=True)
     build_artifact(inference, meta, out, target_names)
     if source is not None:
-        write_manifest(out, source, target_names)
+        write_manifest(out, source, target_names, meta)
     return out
 
 
-def write_manifest(out, source, target_names):
+def write_manifest(out, source, target_names, metadata):
     from export.manifest import file_entries
 
-    (out / "manifest.json").write_text(json.dumps({"source": source, "export": {"targets": list(target_names)},
+    (out / "manifest.json").write_text(json.dumps({"source": source, "metadata": metadata,
+                                                   "export": {"targets": list(target_names)},
                                                    "files": file_entries(out)}))
 
 
@@ -291,7 +292,8 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
 def test_cli_rebuilds_from_manifest_and_exits_1_on_breach(tmp_path_factory, tmp_path, capsys):
     out, *_ = built("convnext_atto", tmp_path_factory)
     d = only(["model.onnx", "model.int8w.mnn", "manifest.json"], out, tmp_path / "cli")
-    write_manifest(d, json.loads((out / "manifest.json").read_text())["source"], ["ort", "mnn_int8w"])
+    recorded = json.loads((out / "manifest.json").read_text())
+    write_manifest(d, recorded["source"], ["ort", "mnn_int8w"], recorded["metadata"])
     code = parity.main([str(d), "--gates", '{"mnn_int8w": {"max_rel": 1e-4}}', "--no-bisect"])
     captured = capsys.readouterr()
     assert code == 1
@@ -304,7 +306,8 @@ def test_cli_refuses_a_directory_that_is_not_its_manifest(defect, tmp_path_facto
     """Verified before any comparison: a deleted, swapped-in or edited file fails, naming that file."""
     out, *_ = built("fasternet_t0", tmp_path_factory)
     d = only(["model.onnx", "model.mnn", "model.int8w.mnn", "manifest.json"], out, tmp_path / defect)
-    write_manifest(d, json.loads((out / "manifest.json").read_text())["source"], ["ort", "mnn_fp32", "mnn_int8w"])
+    recorded = json.loads((out / "manifest.json").read_text())
+    write_manifest(d, recorded["source"], ["ort", "mnn_fp32", "mnn_int8w"], recorded["metadata"])
     assert parity.main([str(d), "--no-bisect"]) == 0
     capsys.readouterr()
     victim = {"missing": "model.onnx", "swapped": "model.int8w.mnn", "tampered": "model.mnn"}[defect]
