@@ -17,8 +17,6 @@ from models.errors import EdgeportError
 from models.layers import PartialConv, PointwiseMlp, SqueezeExcite
 
 FEATURE_NAMES = ("feat_s4", "feat_s8", "feat_s16", "feat_s32")
-SOURCE_KEYS = ("model", "weights", "weights_sha256", "seed", "img_size", "batch", "dynamic_batch",
-               "features_only", "pconv", "mlp", "calibrated")
 
 
 def edgeport_version() -> str:
@@ -198,9 +196,6 @@ def build_models(source: dict, step: Callable[[str], AbstractContextManager] | N
 
     `step(name)` wraps each stage (the export CLI times and displays them)."""
     step = step or (lambda name: nullcontext())
-    missing = [k for k in SOURCE_KEYS if k not in source]
-    if missing:
-        raise EdgeportError(f"source record lacks {', '.join(missing)}; re-export the artifact")
     _check_source(source)
     if source["model"] == ULTRALYTICS:
         with step("load Ultralytics checkpoint"):
@@ -226,7 +221,11 @@ def build_models(source: dict, step: Callable[[str], AbstractContextManager] | N
 def _check_source(source: dict) -> None:
     """A manifest's source record is user-editable: the same bounds as the command line, one-line errors."""
     from models.inference import MLP_FORMS, PCONV_FORMS
+    from runtime.documents import check_document
 
+    from .schemas import Source
+
+    check_document(source, Source, "source record", "re-export the artifact", error=EdgeportError)
     try:
         models.get_cfg(source["model"])
     except (KeyError, TypeError, EdgeportError):

@@ -16,6 +16,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse with its errors on one stderr line (no usage block), still exit status 2."""
 
     def error(self, message):
+        # a control character the user typed (\r, \x1e, ...) is shown escaped: the line stays one line
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
         self.exit(2, f"error: {message} (see --help)\n")
 
 
