@@ -276,3 +276,175 @@ def test_parity_write_keeps_the_manifest_true(copy_of_prior):
     assert again.returncode == 0, again.stderr
     assert np.isfinite(json.loads((copy_of_prior / "parity.json").read_text())["results"]["ort"]["logits"]
                        ["max_rel"])
+
+
+# ------------------------------------------------------------------------- parity trusts only the code (issue 24)
+def _rehash(d: Path, edit=None) -> None:
+    """What a careful tamperer does after changing a file: regenerate the manifest's hashes."""
+    from export.manifest import file_entries
+
+    manifest = json.loads((d / "manifest.json").read_text())
+    if edit:
+        edit(manifest)
+    manifest["files"] = file_entries(d)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_onnx(path: Path, meta_edit=None, weight_scale=None) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    if meta_edit:
+        for prop in model.metadata_props:
+            if prop.key == "edgeport":
+                meta = json.loads(prop.value)
+                meta_edit(meta)
+                prop.value = json.dumps(meta)
+    if weight_scale:
+        init = next(i for i in model.graph.initializer if len(i.dims) == 4)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * weight_scale, init.name))
+    onnx.save(model, str(path))
+
+
+META_EDITS = {  # field: a value a hand-edit could give it
+    "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 1.0, "interpolation": "bilinear",
+    "input_shape": [2, 3, 64, 64], "task": "features", "num_classes": 10, "output_names": ["scores"],
+}
+
+
+@pytest.mark.parametrize("field", list(META_EDITS))
+def test_parity_fails_an_artifact_whose_embedded_metadata_was_edited(field, copy_of_prior):
+    """model.onnx's metadata edited and the hashes regenerated: the files agree with the manifest, not with
+    the source. Exit 1, naming the file and the field."""
+    d = copy_of_prior
+    _edit_onnx(d / "model.onnx", meta_edit=lambda m: m.update({field: META_EDITS[field]}))
+    _rehash(d)
+    line = assert_one_line(run(str(d), "--no-bisect", module="export.parity"), 1, "model.onnx")
+    assert field in line
+
+
+def test_parity_fails_an_mnn_whose_embedded_metadata_was_edited(copy_of_prior):
+    from export.mnn_convert import convert
+
+    d = copy_of_prior
+    meta = json.loads((d / "manifest.json").read_text())["metadata"]
+    convert(d / "model.onnx", d / "model.mnn", json.dumps({**meta, "crop_pct": 0.5}), "fp32")
+    _rehash(d)
+    line = assert_one_line(run(str(d), "--no-bisect", module="export.parity"), 1, "model.mnn")
+    assert "crop_pct" in line
+
+
+@pytest.mark.parametrize("field", ["mean", "crop_pct", "interpolation", "task", "num_classes", "output_names"])
+def test_parity_fails_a_manifest_whose_metadata_was_edited(field, copy_of_prior):
+    d = copy_of_prior
+    _rehash(d, lambda m: m["metadata"].update({field: META_EDITS[field]}))
+    line = assert_one_line(run(str(d), "--no-bisect", module="export.parity"), 1, "manifest.json")
+    assert field in line and "source" in line
+
+
+def test_parity_never_takes_the_manifests_gates(copy_of_prior):
+    """A swapped-in ONNX that breaches, with the manifest's recorded gates loosened to 100: still exit 1 (the
+    registry's gates judge); the same loosening given on the command line is taken, printed and recorded."""
+    d = copy_of_prior
+    _edit_onnx(d / "model.onnx", weight_scale=1.5)
+    loose = {t: {"max_rel": 100.0} for t in ("ort", "mnn_fp32", "torch_inference")}
+    _rehash(d, lambda m: m["parity"].update(gates=loose))
+    proc = run(str(d), "--no-bisect", module="export.parity")
+    assert proc.returncode == 1 and "ort: max_rel" in proc.stderr, proc.stderr
+    proc = run(str(d), "--no-bisect", "--write", "--gates", json.dumps({"ort": {"max_rel": 100.0}}),
+               module="export.parity")
+    assert proc.returncode == 0, proc.stderr
+    assert "gates overridden" in proc.stdout
+    assert json.loads((d / "parity.json").read_text())["gates_override"] == {"ort": {"max_rel": 100.0}}
+
+
+# ------------------------------------------------------------------------------------ smaller cases (item 9)
+SHADOWED = ["fasternet_t0", "convnext_atto", "yolo11n", "efficientnetv2_s", "inception_next_atto"]
+
+
+@pytest.mark.parametrize("name", SHADOWED)
+def test_a_file_named_like_a_model_does_not_shadow_it(name, tmp_path, monkeypatch):
+    from export.__main__ import _is_checkpoint_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_bytes(b"PK\x03\x04 not a checkpoint")
+    assert not _is_checkpoint_path(name)
+    assert _is_checkpoint_path(f"./{name}") and _is_checkpoint_path(str(tmp_path / name))
+    (tmp_path / "out").write_text("a file")
+    line = assert_one_line(run(name, "--out", "out", "--img-size", "64"), 2, "--out")
+    assert "checkpoint" not in line
+
+
+def _build_dir(parent: Path) -> Path:
+    build = parent / ".build-test"
+    build.mkdir(parents=True)
+    (build / "manifest.json").write_text('{"status": "passed"}')
+    return build
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "user-directory", "failed-file"])
+def test_a_users_file_where_a_form_directory_goes_is_refused(kind, tmp_path):
+    """Never moved aside to a hidden name or deleted: refused in one line, left as it was."""
+    from export.install import install
+
+    parent = tmp_path / "fasternet_t0"
+    build = _build_dir(parent)
+    dest = parent / "split_cat-fc"
+    victim = dest.with_name(dest.name + ".failed") if kind == "failed-file" else dest
+    if kind in ("file", "failed-file"):
+        victim.write_text("my notes")
+    elif kind == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        victim.symlink_to(tmp_path / "elsewhere")
+    else:
+        victim.mkdir()
+        (victim / "thesis.tex").write_text("my thesis")
+    before = snapshot(tmp_path)
+    with pytest.raises(Exception) as e:
+        install(build, dest, "passed")
+    assert type(e.value).__name__ == "EdgeportError" and str(victim) in str(e.value), e.value
+    after = {k: v for k, v in snapshot(tmp_path).items() if not k.endswith(".lock")}  # the lock stays
+    assert after == before
+    assert not [p for p in parent.iterdir() if ".old-" in p.name]
+
+
+def test_export_onto_a_users_file_leaves_it_and_no_build(tmp_path):
+    dest = tmp_path / MODEL / TAG
+    dest.parent.mkdir(parents=True)
+    dest.write_text("my notes")
+    assert_one_line(run(MODEL, "--out", str(tmp_path), *BASE), 2, "not an export directory")
+    assert dest.read_text() == "my notes"
+    assert sorted(p.name for p in dest.parent.iterdir() if not p.name.endswith(".lock")) == [TAG]
+
+
+# ------------------------------------------------------------------ the environment fails (issue 24, item 5)
+def _fail(err):
+    def raise_(*args, **kwargs):
+        raise err
+    return raise_
+
+
+ENV_FAILURES = {  # id: (what to patch, the error, words of the one line)
+    "enospc-onnx-save": ("onnx.save_model", OSError(28, "No space left on device"), "no space left"),
+    "edquot-manifest": ("export.pipeline.write_json", OSError(122, "Disk quota exceeded"), "quota"),
+    "emfile-mnn": ("export.mnn_convert.convert", OSError(24, "Too many open files"), "too many open files"),
+    "enomem-build": ("export.pipeline.build_models", MemoryError(), "out of memory"),
+    "erofs-report": ("export.pipeline.write_report", OSError(30, "Read-only file system"), "read-only"),
+}
+
+
+@pytest.mark.parametrize("case", list(ENV_FAILURES))
+def test_environment_failures_are_bad_input(case, prior, monkeypatch):
+    """ENOSPC, EDQUOT, EMFILE, ENOMEM, EROFS at several steps: exit 2, one line saying what ran out, the prior
+    export byte-identical, no build directory left."""
+    out, _ = prior
+    target, err, words = ENV_FAILURES[case]
+    module, _, name = target.rpartition(".")
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(module), name, _fail(err))
+    before = snapshot(out)
+    assert_one_line(run(MODEL, "--out", str(out), *BASE), 2, words)
+    assert snapshot(out) == before
+    assert not list((out / MODEL).glob(".build-*"))
