@@ -297,3 +297,13 @@ def test_checkpoint_names_of_the_wrong_kind_are_one_line(tmp_path, names):
     with pytest.raises(EdgeportError, match="names") as e:
         read_ultralytics(ckpt)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("imgsz", [100, 33, 16, 10**6, [640, 320], [96, 100]])
+def test_a_checkpoints_image_size_is_not_reported_as_the_users(tmp_path, imgsz):
+    """The training size a checkpoint carries is named as such, with the option that overrides it; the user
+    passed no --img-size, so no line may say they did."""
+    ckpt = write_checkpoint(tmp_path / "best.pt", TINY_YAML, {0: "a", 1: "b"}, {"imgsz": imgsz, "task": "detect"})
+    line = assert_clean(run("export.__main__", [str(ckpt), "--out", str(tmp_path / "out")]))
+    assert "imgsz" in line and "pass --img-size" in line, line
+    assert f"--img-size {imgsz}" not in line
