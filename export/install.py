@@ -32,12 +32,12 @@ STALE_AFTER_S = 24 * 3600  # a build dir without a readable pid is swept once th
 
 
 # What ran out, and what the user can do: the environment failing is bad input (exit 2), not a bug of ours.
-_RAN_OUT = {
-    errno.ENOSPC: ("no space left on device", "free space or use --out elsewhere"),
-    errno.EDQUOT: ("disk quota exceeded", "free space within your quota or use --out elsewhere"),
-    errno.EROFS: ("read-only file system", "use --out on a writable file system"),
-    errno.EACCES: ("permission denied", "check the permissions or use --out elsewhere"),
-    errno.EPERM: ("operation not permitted", "check the permissions or use --out elsewhere"),
+_RAN_OUT = {  # errno: (what ran out, the fix; {elsewhere}: where else the command can write)
+    errno.ENOSPC: ("no space left on device", "free space or {elsewhere}"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota or {elsewhere}"),
+    errno.EROFS: ("read-only file system", "{elsewhere} on a writable file system"),
+    errno.EACCES: ("permission denied", "check the permissions or {elsewhere}"),
+    errno.EPERM: ("operation not permitted", "check the permissions or {elsewhere}"),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or close other programs"),
     errno.ENFILE: ("too many open files on the system", "close other programs"),
     errno.ENOMEM: ("out of memory", "use a smaller model, batch or --img-size, or free memory"),
@@ -45,7 +45,7 @@ _RAN_OUT = {
 }
 
 
-def environment_failure(e: BaseException, doing: str) -> str | None:
+def environment_failure(e: BaseException, doing: str, elsewhere: str = "use --out elsewhere") -> str | None:
     """One line saying what ran out while `doing` and what to do, for an OSError of the environment (ENOSPC,
     EDQUOT, EROFS, EACCES, EMFILE, ENOMEM, ...) or a MemoryError; None for anything else (a bug: re-raise)."""
     if isinstance(e, MemoryError):
@@ -54,7 +54,7 @@ def environment_failure(e: BaseException, doing: str) -> str | None:
         return None
     what, fix = _RAN_OUT[e.errno]
     where = f" ({e.filename})" if e.filename else ""
-    return f"{what} while {doing}{where}; {fix}"
+    return f"{what} while {doing}{where}; {fix.format(elsewhere=elsewhere)}"
 
 
 def _alive(pid: int) -> bool:

@@ -620,7 +620,8 @@ def main(argv=None) -> int:
     except (OSError, MemoryError) as e:
         from .install import environment_failure
 
-        line = environment_failure(e, "running parity" + (" --write" if args.write else ""))
+        line = environment_failure(e, "running parity" + (" --write" if args.write else ""),
+                                   elsewhere="copy the directory elsewhere")
         if line is None:
             raise
         print(f"parity: {line}", file=sys.stderr)

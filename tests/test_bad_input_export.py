@@ -448,3 +448,13 @@ def test_environment_failures_are_bad_input(case, prior, monkeypatch):
     assert_one_line(run(MODEL, "--out", str(out), *BASE), 2, words)
     assert snapshot(out) == before
     assert not list((out / MODEL).glob(".build-*"))
+
+
+@pytest.mark.parametrize("errno_, words", [(28, "no space left"), (13, "permission denied"), (24, "too many open")])
+def test_parity_write_environment_failures_are_bad_input(errno_, words, copy_of_prior, monkeypatch):
+    import export.parity
+
+    monkeypatch.setattr(export.parity, "write_json", _fail(OSError(errno_, os.strerror(errno_))))
+    before = snapshot(copy_of_prior)
+    assert_one_line(run(str(copy_of_prior), "--write", "--no-bisect", module="export.parity"), 2, words)
+    assert snapshot(copy_of_prior) == before

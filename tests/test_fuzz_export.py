@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 from models.errors import EdgeportError
 
@@ -58,6 +59,8 @@ def run(module: str, argv: list[str]) -> subprocess.CompletedProcess:
 
 def assert_clean(proc: subprocess.CompletedProcess, codes=(2,)) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    if currently_in_test_context():  # --hypothesis-show-statistics: what docs/reference/exit-codes.md lists
+        event(f"exit {proc.returncode}")
     assert proc.returncode in codes, (proc.returncode, proc.args, proc.stderr)
     assert len(lines) == 1, (proc.args, proc.stderr)
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
