@@ -4,9 +4,9 @@ A build happens in OUT/MODEL/.build-<pid>-XXXX and is renamed into place only wh
 lock (`destination_lock`, the one lock every writer of an export directory takes: this install and
 `python -m export.parity --write`), so concurrent runs end with one complete directory whose manifest matches
 its files. A destination that is not an export (a user's file or directory) is refused, never moved aside.
-A failed export (parity breach) never replaces a
-passing one: it goes beside it as <tag>.failed. Build directories of processes that died (SIGKILL, power
-loss) are swept by the next run.
+A failed export (parity breach) never replaces a passing one: it goes beside it as <tag>.failed. Build
+directories of processes that died (SIGKILL, power loss) are swept by the next run. An environment failure
+(disk full, quota, read-only, ...) is one line (`environment_failure`), not a bug.
 """
 from __future__ import annotations
 
@@ -124,10 +124,10 @@ def destination_lock(dest: Path, waiting: Callable[[str], None] | None = None):
 
 
 def _status(directory: Path) -> str | None:
-    from .schemas import read_manifest
+    from .schemas import ManifestStatus, read_manifest
 
     try:
-        return read_manifest(directory)["status"]
+        return read_manifest(directory, ManifestStatus).get("status")
     except EdgeportError:
         return None
 

@@ -17,6 +17,7 @@ SHA256 = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 FileName = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=r"^[^/\\\x00]+$")]
 Number = Union[int, float]
 Gates = dict[str, dict[str, Number]]
+Status = Literal["passed", "failed", "unchecked"]
 REEXPORT = "re-export (python -m export ...) rather than editing it"
 
 
@@ -58,9 +59,14 @@ class Manifest(msgspec.Struct):
     metadata: dict[str, Any]
     files: Annotated[dict[FileName, FileEntry], msgspec.Meta(min_length=1)]
     export: ExportRecord = msgspec.field(default_factory=ExportRecord)
-    status: Literal["passed", "failed", "unchecked"] | None = None
+    status: Status | None = None
     parity: ParityRecord = msgspec.field(default_factory=ParityRecord)
     form_tag: str | None = None
+
+
+class ManifestStatus(msgspec.Struct):
+    """The one field install reads (whether the export in place passed), also of a partial manifest."""
+    status: Status | None = None
 
 
 class ParityReport(ParityRecord):
@@ -69,10 +75,10 @@ class ParityReport(ParityRecord):
     gates_override: Gates | None = None
 
 
-def read_manifest(directory) -> dict:
-    """DIRECTORY/manifest.json through the Manifest schema, as plain data."""
+def read_manifest(directory, schema=Manifest) -> dict:
+    """DIRECTORY/manifest.json through the Manifest schema (or a part of it), as plain data."""
     path = Path(directory) / "manifest.json"
-    return read_document(path, Manifest, "manifest", f"pass an export directory or {REEXPORT}",
+    return read_document(path, schema, "manifest", f"pass an export directory or {REEXPORT}",
                          error=EdgeportError)
 
 
