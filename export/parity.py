@@ -577,11 +577,15 @@ def _load_gates(text: str | None) -> dict | None:
 
 
 def write_parity_json(directory: Path, result: dict) -> None:
+    """parity.json (atomically); an environment failure is one line naming the file."""
+    from .install import environment_failure
+
+    path = directory / "parity.json"
     try:
-        write_json(directory / "parity.json", {k: v for k, v in result.items() if k != "markdown"})
+        write_json(path, {k: v for k, v in result.items() if k != "markdown"})
     except OSError as e:
-        raise EdgeportError(f"cannot write {directory / 'parity.json'}: {e.strerror or e}; make the "
-                            "directory writable or run without --write") from None
+        why = environment_failure(e, f"writing {path}", elsewhere="run without --write")
+        raise EdgeportError(why or f"cannot write {path}: {e.strerror or e}; run without --write") from None
 
 
 def main(argv=None) -> int:

@@ -264,7 +264,7 @@ def test_parity_write_into_a_read_only_directory_is_one_line(copy_of_prior):
     os.chmod(copy_of_prior, 0o555)
     try:
         assert_one_line(run(str(copy_of_prior), "--write", "--no-bisect", module="export.parity"), 2,
-                        "cannot write")
+                        "permission denied")
     finally:
         os.chmod(copy_of_prior, 0o755)
 
