@@ -310,3 +310,26 @@ def test_a_checkpoints_image_size_is_not_reported_as_the_users(tmp_path, imgsz):
     line = assert_clean(run("export.__main__", [str(ckpt), "--out", str(tmp_path / "out")]))
     assert "imgsz" in line and "pass --img-size" in line, line
     assert f"--img-size {imgsz}" not in line
+
+
+ISSUE_CHECKPOINTS = {  # the issue's examples: (yaml edit, names, words of the one line)
+    "layer-index-out-of-range": (lambda c: c["head"].__setitem__(0, [[0, 1, 9], 1, "Detect", ["nc"]]), None,
+                                 "out of range"),
+    "repeat-a-string": (lambda c: c["backbone"][1].__setitem__(1, "2"), None, "backbone[1][1]"),
+    "scale-with-two-values": (lambda c: c.update(scales={"n": [0.5, 0.25]}, scale="n"), None, "scales"),
+    "names-with-mixed-keys": (None, {0: "a", "1": "b"}, "names"),
+}
+
+
+@pytest.mark.parametrize("case", list(ISSUE_CHECKPOINTS))
+def test_export_of_the_issues_malformed_checkpoints(case, tmp_path):
+    """python -m export best.pt with a usable --out: exit 2, the field named, no directory left behind."""
+    edit, names, words = ISSUE_CHECKPOINTS[case]
+    cfg = copy.deepcopy(TINY_YAML)
+    if edit:
+        edit(cfg)
+    ckpt = write_checkpoint(tmp_path / "best.pt", cfg, names or {0: "a", 1: "b"}, {"imgsz": 64, "task": "detect"})
+    out = tmp_path / "out"
+    line = assert_clean(run("export.__main__", [str(ckpt), "--out", str(out)]))
+    assert words in line, line
+    assert not out.exists() or not any(out.rglob("*"))
