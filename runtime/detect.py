@@ -88,15 +88,6 @@ def as_dicts(dets: np.ndarray, labels=None) -> list[dict]:
     return rows
 
 
-def _model_io(predictor) -> tuple[str, str]:
-    names = list(predictor.output_names)
-    if "boxes" in names and "scores" in names:
-        return "boxes", "scores"
-    if len(names) == 2:
-        return names[0], names[1]
-    raise EdgeRuntimeError(f"{predictor.path}: not a detector (outputs {names}; expected 'boxes' and 'scores')")
-
-
 def labels_of(predictor) -> list[str] | None:
     names = predictor.meta.get("names") or predictor.meta.get("labels")
     if isinstance(names, dict):
@@ -114,7 +105,7 @@ def detect(predictor, images, conf: float = DEFAULT_CONF, iou: float = DEFAULT_I
     if meta.get("task") != "detection":
         raise EdgeRuntimeError(f"{predictor.path}: a {meta.get('task', 'classification')} model, not a detector; "
                                "use python -m runtime.infer")
-    box_name, score_name = _model_io(predictor)
+    box_name, score_name = predictor.detector_outputs()
     labels = labels if labels is not None else labels_of(predictor)
     size = tuple(int(d) for d in meta["input_shape"][-2:])
     batch = meta["input_shape"][0] if meta["input_shape"][0] > 0 else 1

@@ -156,15 +156,6 @@ def detector(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def detection_metadata_accepted(monkeypatch):
-    """runtime.preprocess validates the metadata task; until it lists "detection", accept it here."""
-    import runtime.preprocess
-
-    if "detection" not in runtime.preprocess.TASKS:
-        monkeypatch.setattr(runtime.preprocess, "TASKS", (*runtime.preprocess.TASKS, "detection"))
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     d = tmp_path_factory.mktemp("photos")

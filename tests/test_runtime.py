@@ -432,7 +432,7 @@ def test_model_without_metadata_runs_but_cannot_preprocess(artifacts, tmp_path):
     plain = tmp_path / "plain.mnn"
     convert(artifacts.cls["onnx"], plain, "", log_path=tmp_path / "plain.log")
     p = runtime.load(plain)
-    assert p.meta == {} and p.input_shape is None
+    assert p.meta == {} and p.input_shape == [-1, 3, SIZE, SIZE]  # the graph's own (MNN records batch -1 as 1)
     assert p.run(np.zeros((1, 3, SIZE, SIZE), np.float32))["logits"].shape == (1, 10)
     with pytest.raises(runtime.EdgeRuntimeError, match="no edgeport preprocessing metadata"):
         p.classify(make_photo(40, 40))
