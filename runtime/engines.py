@@ -2,15 +2,13 @@
 run a dict of float32 arrays. MNN and onnxruntime are imported only when a model of that kind is loaded."""
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import sys
-import tempfile
 import threading
 
 import numpy as np
 
+from .console import last_words, stdout_silenced  # noqa: F401 (stdout_silenced: imported from here)
 from .errors import EdgeRuntimeError
 
 METADATA_KEY = "edgeport"  # ONNX metadata_props key; the MNN file carries the same JSON as its bizCode
@@ -26,42 +24,6 @@ WINOGRAD_HINT = 3
 # Runtime managers with equal configs share one MNN runtime, and a module reads the hint when it resizes (first
 # forward, new input shape): the hint is set and the resize done under one process-wide lock.
 _RESIZE_LOCK = threading.Lock()
-MAX_CAPTURED_BYTES = 64 << 10
-
-
-@contextlib.contextmanager
-def stdout_silenced(captured: list | None = None):
-    """Send file descriptor 1 to /dev/null: MNN's C code prints banners and load errors straight to stdout. With
-    `captured` (a list), what was printed goes to a temporary file instead and its text is appended there."""
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:  # no stdout at all: nothing to protect
-        yield
-        return
-    sink = tempfile.TemporaryFile() if captured is not None else None
-    target = sink.fileno() if sink else os.open(os.devnull, os.O_WRONLY)
-    os.dup2(target, 1)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None).fflush(None)  # drain C stdio buffers while they still point at the sink
-        os.dup2(saved, 1)
-        os.close(saved)
-        if sink:
-            sink.seek(0)
-            captured.append(sink.read(MAX_CAPTURED_BYTES).decode("utf-8", "replace"))
-            sink.close()
-        else:
-            os.close(target)
-
-
-def last_words(text: str) -> str:
-    """An engine's console output as one short line: its lines that mention an error (else its last line)."""
-    lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    return "; ".join(errors[:2] or lines[-1:])[:200]
 
 
 def import_mnn():

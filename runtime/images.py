@@ -1,6 +1,7 @@
 """Reading images safely: any Pillow mode to RGB, EXIF orientation applied, decompression bombs refused."""
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import warnings
@@ -8,6 +9,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from .console import stderr_silenced
 from .errors import EdgeRuntimeError
 
 # Refused before decoding. 64 MP covers camera photos; a 50,000-pixel-wide strip is refused by the side limit,
@@ -72,24 +74,33 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
     name = os.fspath(source)
     if not os.path.isfile(name):
         raise EdgeRuntimeError(f"{name}: no such image file")
-    try:
-        with warnings.catch_warnings():  # Pillow's own bomb warning: we refuse such images ourselves
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with _decoder_quiet():
+        try:
             img = Image.open(name)
-    except Image.DecompressionBombError:
-        raise EdgeRuntimeError(f"{name}: image is over the size limit; downscale it first") from None
-    except Image.UnidentifiedImageError:
-        raise EdgeRuntimeError(f"{name}: not an image Pillow can read") from None
-    except _DECODE_ERRORS as e:
-        raise EdgeRuntimeError(f"{name}: cannot read image ({e})") from None
-    with img:
-        return _decode(img, name)
+        except Image.DecompressionBombError:
+            raise EdgeRuntimeError(f"{name}: image is over the size limit; downscale it first") from None
+        except Image.UnidentifiedImageError:
+            raise EdgeRuntimeError(f"{name}: not an image Pillow can read") from None
+        except _DECODE_ERRORS as e:
+            raise EdgeRuntimeError(f"{name}: cannot read image ({e})") from None
+        with img:
+            return _decode(img, name)
+
+
+@contextlib.contextmanager
+def _decoder_quiet():
+    """Decoding with libtiff's and libjpeg's own stderr lines and Pillow's warnings (corrupt EXIF, our own
+    size limits' bomb warning) kept off the console: a bad file is reported once, by our error."""
+    with warnings.catch_warnings(), stderr_silenced():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _decode(img: Image.Image, name: str) -> Image.Image:
     check_size(img.size, name)  # from the header: nothing decoded yet
     try:
-        return to_rgb(ImageOps.exif_transpose(img))
+        with _decoder_quiet():
+            return to_rgb(ImageOps.exif_transpose(img))
     except _DECODE_ERRORS as e:
         raise EdgeRuntimeError(f"{name}: cannot decode image: {e}") from None
     except EdgeRuntimeError as e:
