@@ -42,8 +42,9 @@ def mnn_runtime_manager(threads: int = 1, precision: str = "fp32", winograd: str
     also goes on the shared runtime: set it again before a module's resize if other managers exist (MnnEngine)."""
     MNN = import_mnn()
     config = {"backend": "CPU", "numThread": threads, "precision": MNN_PRECISION[precision]}
-    manager = MNN.nn.create_runtime_manager((config,))
-    manager.set_hint(WINOGRAD_HINT, WINOGRAD_LEVEL[winograd])
+    with stdout_silenced():  # "MNN use low precision"
+        manager = MNN.nn.create_runtime_manager((config,))
+        manager.set_hint(WINOGRAD_HINT, WINOGRAD_LEVEL[winograd])
     return manager
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 import warnings
 
 import numpy as np
@@ -17,7 +16,8 @@ from .errors import EdgeRuntimeError
 MAX_IMAGE_PIXELS = 64_000_000
 MAX_IMAGE_SIDE = 20_000
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+def _reason(e: Exception) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 def check_size(size: tuple[int, int], name: str = "image") -> None:
@@ -81,8 +81,11 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
             raise EdgeRuntimeError(f"{name}: image is over the size limit; downscale it first") from None
         except Image.UnidentifiedImageError:
             raise EdgeRuntimeError(f"{name}: not an image Pillow can read") from None
-        except _DECODE_ERRORS as e:
-            raise EdgeRuntimeError(f"{name}: cannot read image ({e})") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # Pillow's plugins raise OSError, ValueError, SyntaxError, EOFError, struct.error
+            # and more on damaged files (a TIFF tag of another type: TypeError; tests/test_fuzz_runtime.py)
+            raise EdgeRuntimeError(f"{name}: cannot read image ({_reason(e)})") from None
         with img:
             return _decode(img, name)
 
@@ -101,7 +104,9 @@ def _decode(img: Image.Image, name: str) -> Image.Image:
     try:
         with _decoder_quiet():
             return to_rgb(ImageOps.exif_transpose(img))
-    except _DECODE_ERRORS as e:
-        raise EdgeRuntimeError(f"{name}: cannot decode image: {e}") from None
     except EdgeRuntimeError as e:
         raise EdgeRuntimeError(f"{name}: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # as in load_image: any error of Pillow's on a damaged file
+        raise EdgeRuntimeError(f"{name}: cannot decode image: {_reason(e)}") from None

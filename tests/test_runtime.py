@@ -110,14 +110,14 @@ def build_tiny_artifacts(out_dir) -> SimpleNamespace:
         cls_fixed_batch=out_dir / "cls_b2.onnx")
 
 
-def write_failing_forward_model(out_dir, task: str = "classification") -> SimpleNamespace:
+def write_failing_forward_model(out_dir, task: str = "classification", size: int = SIZE) -> SimpleNamespace:
     """A model that loads but cannot run at its own metadata's input size, as the ONNX and the MNN files: its
     input has free H and W (nothing to check at load), and it adds a [1, 3, 16, 16] constant to a 32x32 input.
-    MNN then prints a shape error on stdout and returns no outputs; onnxruntime raises."""
+    MNN then prints a shape error on stdout and returns no outputs; onnxruntime raises. With size 16 it runs."""
     from onnx import TensorProto, helper
 
     detector = task == "detection"
-    meta = {"task": task, "input_shape": [-1, 3, SIZE, SIZE], "mean": [0.5] * 3, "std": [0.5] * 3,
+    meta = {"task": task, "input_shape": [-1, 3, size, size], "mean": [0.5] * 3, "std": [0.5] * 3,
             "crop_pct": 1.0, "interpolation": "bilinear", "num_classes": 3,
             "output_names": ["boxes", "scores"] if detector else ["logits"]}
     if detector:
@@ -142,7 +142,7 @@ def write_failing_forward_model(out_dir, task: str = "classification") -> Simple
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     helper.set_model_props(model, {"edgeport": json.dumps(meta)})
-    name = out_dir / f"fails_{task}.onnx"
+    name = out_dir / f"{'fails' if size != SIZE // 2 else 'runs'}_{task}.onnx"
     onnx.save(model, str(name))
     convert(name, name.with_suffix(".mnn"), json.dumps(meta), log_path=name.with_suffix(".log"))
     return SimpleNamespace(onnx=name, mnn=name.with_suffix(".mnn"), meta=meta)
