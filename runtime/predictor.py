@@ -165,10 +165,10 @@ class Predictor:
 
     def expected_outputs(self, n: int) -> dict[str, list | None]:
         """{output name: shape} a forward of batch n must return, per the metadata's task and num_classes (None
-        for a dimension it leaves open; None for the whole shape of a file without metadata: it must only exist)."""
-        if not self.meta:
+        for a dimension it leaves open; None for the whole shape when the metadata names no task: it must exist)."""
+        if "task" not in self.meta:
             return dict.fromkeys(self.output_names)
-        task, k = self.meta.get("task", "classification"), self.meta.get("num_classes")
+        task, k = self.meta["task"], self.meta.get("num_classes")
         if task == "detection":
             boxes, scores = self.detector_outputs()
             return {boxes: [n, None, 4], scores: [n, None, k]}
