@@ -75,7 +75,10 @@ class MnnEngine:
         self.output_names = list(info["outputNames"])
         self.input_shapes = dict.fromkeys(self.input_names)
         for name, var in zip(self.input_names, info.get("inputs") or []):
-            self.input_shapes[name] = graph_input_shape(var.shape)
+            try:
+                self.input_shapes[name] = graph_input_shape(var.shape)
+            except (RuntimeError, SystemError, ValueError, TypeError):  # a shape MNN cannot tell before resize
+                pass
         self.metadata_text = info.get("bizCode") or ""
         self._lock = threading.Lock()
 

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from .console import stderr_silenced
+from .console import last_words, stderr_silenced
 from .errors import EdgeRuntimeError
 
 # Refused before decoding. 64 MP covers camera photos; a 50,000-pixel-wide strip is refused by the side limit,
@@ -91,22 +91,26 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
 
 
 @contextlib.contextmanager
-def _decoder_quiet():
-    """Decoding with libtiff's and libjpeg's own stderr lines and Pillow's warnings (corrupt EXIF, our own
-    size limits' bomb warning) kept off the console: a bad file is reported once, by our error."""
-    with warnings.catch_warnings(), stderr_silenced():
+def _decoder_quiet(printed: list | None = None):
+    """Decoding with libtiff's and libjpeg's own stderr lines (appended to `printed`) and Pillow's warnings
+    (corrupt EXIF, our own size limits' bomb warning) kept off the console: a bad file is reported once, by our
+    error."""
+    with warnings.catch_warnings(), stderr_silenced(printed):
         warnings.simplefilter("ignore")
         yield
 
 
 def _decode(img: Image.Image, name: str) -> Image.Image:
     check_size(img.size, name)  # from the header: nothing decoded yet
+    printed = []
     try:
-        with _decoder_quiet():
+        with _decoder_quiet(printed):
             return to_rgb(ImageOps.exif_transpose(img))
     except EdgeRuntimeError as e:
         raise EdgeRuntimeError(f"{name}: {e}") from None
     except MemoryError:
         raise
     except Exception as e:  # as in load_image: any error of Pillow's on a damaged file
-        raise EdgeRuntimeError(f"{name}: cannot decode image: {_reason(e)}") from None
+        said = last_words("".join(printed))
+        raise EdgeRuntimeError(f"{name}: cannot decode image: {_reason(e)}"
+                               + (f" (decoder: {said})" if said else "")) from None
