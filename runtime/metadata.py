@@ -4,10 +4,11 @@ carries, declared once (msgspec) and read only through `read_metadata` / `check_
 The file is not trusted: every field the runtime acts on has a type and a bound here, and any violation is one
 EdgeRuntimeError line naming the field, its value and what is expected. Absent fields are allowed (older or
 foreign files); the Predictor asks for the preprocessing ones when it needs them. Unknown fields are kept."""
+# ruff: noqa: UP045  msgspec evaluates the annotations at run time: Optional[X], not X | None, on Python 3.9
 from __future__ import annotations
 
 import os
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Optional
 
 import msgspec
 
@@ -38,32 +39,32 @@ class Nms(msgspec.Struct, forbid_unknown_fields=False):
 class ArtifactMeta(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
     """Field by field: docs/reference/runtime-checks.md. None means absent."""
 
-    edgeport_version: str | None = None
-    model: str | None = None
-    family: str | None = None
-    architecture: str | None = None
-    task: Literal[TASKS] | None = None
-    input_name: str | None = None
-    input_shape: tuple[Annotated[int, msgspec.Meta(ge=-1)], Literal[3], Side, Side] | None = None
-    layout: Literal["NCHW"] | None = None
-    mean: tuple[UnitMean, UnitMean, UnitMean] | None = None
-    std: tuple[UnitStd, UnitStd, UnitStd] | None = None
-    crop_pct: Annotated[float, msgspec.Meta(ge=MIN_CROP_PCT, le=1)] | None = None
-    interpolation: Literal[INTERPOLATION_NAMES] | None = None
-    resize: Literal[RESIZES] | None = None
-    pad_value: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
-    num_classes: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    names: list[str] | None = None
-    labels: list[str] | None = None
-    output_names: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
-    box_format: Literal["xyxy"] | None = None
-    strides: list[Annotated[int, msgspec.Meta(ge=1)]] | None = None
-    nms: Nms | None = None
-    precision: str | None = None
-    weights_sha256: str | None = None
-    pconv: str | None = None
-    mlp: str | None = None
-    gelu: str | None = None
+    edgeport_version: Optional[str] = None
+    model: Optional[str] = None
+    family: Optional[str] = None
+    architecture: Optional[str] = None
+    task: Optional[Literal[TASKS]] = None
+    input_name: Optional[str] = None
+    input_shape: Optional[tuple[Annotated[int, msgspec.Meta(ge=-1)], Literal[3], Side, Side]] = None
+    layout: Optional[Literal["NCHW"]] = None
+    mean: Optional[tuple[UnitMean, UnitMean, UnitMean]] = None
+    std: Optional[tuple[UnitStd, UnitStd, UnitStd]] = None
+    crop_pct: Optional[Annotated[float, msgspec.Meta(ge=MIN_CROP_PCT, le=1)]] = None
+    interpolation: Optional[Literal[INTERPOLATION_NAMES]] = None
+    resize: Optional[Literal[RESIZES]] = None
+    pad_value: Optional[Annotated[int, msgspec.Meta(ge=0, le=255)]] = None
+    num_classes: Optional[Annotated[int, msgspec.Meta(ge=0)]] = None
+    names: Optional[list[str]] = None
+    labels: Optional[list[str]] = None
+    output_names: Optional[Annotated[list[str], msgspec.Meta(min_length=1)]] = None
+    box_format: Optional[Literal["xyxy"]] = None
+    strides: Optional[list[Annotated[int, msgspec.Meta(ge=1)]]] = None
+    nms: Optional[Nms] = None
+    precision: Optional[str] = None
+    weights_sha256: Optional[str] = None
+    pconv: Optional[str] = None
+    mlp: Optional[str] = None
+    gelu: Optional[str] = None
 
 
 # What each field must be, in the words of the one-line error (the schema above is the check).
