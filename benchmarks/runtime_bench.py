@@ -15,7 +15,7 @@ import numpy as np
 
 from runtime import EdgeRuntimeError, load
 from runtime.cli import OneLineParser, cli_main, int_in
-from runtime.engines import import_mnn, mnn_runtime_manager
+from runtime.engines import import_mnn, mnn_runtime_manager, stdout_silenced
 
 MAX_RUNS = 10_000_000  # 80 MB of latencies; more is a typo
 
@@ -40,7 +40,10 @@ def bare_engine_call(path: str, backend: str, threads: int, precision: str, x: n
         MNN = import_mnn()
         F = MNN.expr
         rt = mnn_runtime_manager(threads, precision)  # configured as runtime.load does
-        module = MNN.nn.load_module_from_file(path, [], [], runtime_manager=rt)
+        with stdout_silenced():
+            module = MNN.nn.load_module_from_file(path, [], [], runtime_manager=rt)
+            if not module.forward([F.const(x, list(x.shape), F.NCHW)]):  # the Predictor ran it: not expected
+                raise EdgeRuntimeError(f"MNN forward failed on {os.path.basename(path)} outside the Predictor")
 
         def call():
             outs = module.forward([F.const(x, list(x.shape), F.NCHW)])

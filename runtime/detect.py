@@ -9,6 +9,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -88,19 +89,8 @@ def as_dicts(dets: np.ndarray, labels=None) -> list[dict]:
     return rows
 
 
-def _model_io(predictor) -> tuple[str, str]:
-    names = list(predictor.output_names)
-    if "boxes" in names and "scores" in names:
-        return "boxes", "scores"
-    if len(names) == 2:
-        return names[0], names[1]
-    raise EdgeRuntimeError(f"{predictor.path}: not a detector (outputs {names}; expected 'boxes' and 'scores')")
-
-
 def labels_of(predictor) -> list[str] | None:
-    names = predictor.meta.get("names") or predictor.meta.get("labels")
-    if isinstance(names, dict):
-        names = [names[k] for k in sorted(names, key=int)]
+    names = predictor.meta.get("names") or predictor.meta.get("labels")  # lists of strings (runtime.metadata)
     return list(names) if names else None
 
 
@@ -114,7 +104,7 @@ def detect(predictor, images, conf: float = DEFAULT_CONF, iou: float = DEFAULT_I
     if meta.get("task") != "detection":
         raise EdgeRuntimeError(f"{predictor.path}: a {meta.get('task', 'classification')} model, not a detector; "
                                "use python -m runtime.infer")
-    box_name, score_name = _model_io(predictor)
+    box_name, score_name = predictor.detector_outputs()
     labels = labels if labels is not None else labels_of(predictor)
     size = tuple(int(d) for d in meta["input_shape"][-2:])
     batch = meta["input_shape"][0] if meta["input_shape"][0] > 0 else 1
@@ -157,16 +147,47 @@ def draw(img: Image.Image, detections: list[dict]) -> Image.Image:
 
 def save_png(img: Image.Image, path: str) -> None:
     """Write atomically: a temp file in the same directory, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=directory)
-    os.close(fd)
+    tmp = None
     try:
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=directory)
+        os.close(fd)
         img.save(tmp, format="PNG")
         os.replace(tmp, path)
     except OSError as e:
-        os.unlink(tmp)
-        raise EdgeRuntimeError(f"{path}: cannot write ({e})") from None
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise EdgeRuntimeError(f"{path}: cannot write the drawing ({e.strerror or e})") from None
+
+
+def drawing_names(paths: list[str]) -> dict[str, str]:
+    """image path → file name of its drawing: "<stem>.png", and "<stem>-2.png", "<stem>-3.png", ... for later
+    images whose stem is taken (a/x.jpg, b/x.jpg, x.png), in argument order, so no drawing overwrites another."""
+    names, taken = {}, set()
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0] or "image"
+        name, k = stem + ".png", 1
+        while name in taken:
+            k += 1
+            name = f"{stem}-{k}.png"
+        taken.add(name)
+        names[path] = name
+    return names
+
+
+def prepare_save_dir(save_dir: str) -> None:
+    """Create --save-dir (and its parents) up front: EdgeRuntimeError if it is a file or cannot be made."""
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise EdgeRuntimeError(f"--save-dir {save_dir}: exists and is not a directory; name a directory (it is "
+                               "created if missing)")
+    try:
+        os.makedirs(save_dir or ".", exist_ok=True)
+    except OSError as e:
+        raise EdgeRuntimeError(f"--save-dir {save_dir}: cannot create the directory ({e.strerror or e})") from None
+    if not os.access(save_dir or ".", os.W_OK | os.X_OK):
+        raise EdgeRuntimeError(f"--save-dir {save_dir}: directory is not writable")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -181,7 +202,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conf", type=float, default=DEFAULT_CONF, help=f"score threshold (default {DEFAULT_CONF})")
     p.add_argument("--iou", type=float, default=DEFAULT_IOU, help=f"NMS IoU threshold (default {DEFAULT_IOU})")
     p.add_argument("--max-det", type=int_in(1), default=DEFAULT_MAX_DET, help="detections kept per image (default 300)")
-    p.add_argument("--save-dir", metavar="DIR", help="write <image stem>.png with the labelled boxes here")
+    p.add_argument("--save-dir", metavar="DIR",
+                   help="write <image stem>.png with the labelled boxes here (created if missing); images sharing "
+                        "a stem get <stem>-2.png, <stem>-3.png, ... in argument order")
     p.add_argument("--labels", metavar="FILE", help="text file: one class name a line (default: the artifact's)")
     p.add_argument("--threads", type=int_in(1), default=1, help="intra-op CPU threads (default: 1)")
     p.add_argument("--backend", choices=("auto", "mnn", "onnxruntime"), default="auto",
@@ -212,6 +235,9 @@ def main(argv=None) -> int:
                                    f"{predictor.meta.get('task')!r}); for classifiers use python -m runtime.infer")
         labels = read_labels(args.labels) if args.labels else labels_of(predictor)
         paths = expand_images(args.images)
+        if args.save_dir is not None:
+            prepare_save_dir(args.save_dir)
+            drawings = drawing_names(paths)
     except EdgeRuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -219,14 +245,15 @@ def main(argv=None) -> int:
     def handle(path):
         (dets,) = detect(predictor, [path], args.conf, args.iou, args.max_det, labels)
         result = {"image": path, "detections": dets}
-        if args.save_dir:
-            stem = os.path.splitext(os.path.basename(path))[0]
-            result["saved"] = os.path.join(args.save_dir, stem + ".png")
+        if args.save_dir is not None:
+            result["saved"] = os.path.join(args.save_dir, drawings[path])
             save_png(draw(load_image(path), dets), result["saved"])
         return result
 
-    results, failed = for_each_image(paths, handle, lambda r: format_result(r["image"], r["detections"]),
-                                     args.json)
+    def show(r):
+        return format_result(r["image"], r["detections"]) + (f"\n  drawn to {r['saved']}" if "saved" in r else "")
+
+    results, failed = for_each_image(paths, handle, show, args.json)
     if args.json:
         print(json.dumps({"model": args.model, "backend": predictor.backend, "conf": args.conf, "iou": args.iou,
                           "results": results}, indent=2))

@@ -2,14 +2,13 @@
 run a dict of float32 arrays. MNN and onnxruntime are imported only when a model of that kind is loaded."""
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import sys
 import threading
 
 import numpy as np
 
+from .console import last_words, stdout_silenced  # noqa: F401 (stdout_silenced: imported from here)
 from .errors import EdgeRuntimeError
 
 METADATA_KEY = "edgeport"  # ONNX metadata_props key; the MNN file carries the same JSON as its bizCode
@@ -25,27 +24,6 @@ WINOGRAD_HINT = 3
 # Runtime managers with equal configs share one MNN runtime, and a module reads the hint when it resizes (first
 # forward, new input shape): the hint is set and the resize done under one process-wide lock.
 _RESIZE_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def stdout_silenced():
-    """Send file descriptor 1 to /dev/null: MNN's C code prints banners and load errors straight to stdout."""
-    sys.stdout.flush()
-    try:
-        saved = os.dup(1)
-    except OSError:  # no stdout at all: nothing to protect
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None).fflush(None)  # drain C stdio buffers while they still point at /dev/null
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
 
 
 def import_mnn():
@@ -64,32 +42,43 @@ def mnn_runtime_manager(threads: int = 1, precision: str = "fp32", winograd: str
     also goes on the shared runtime: set it again before a module's resize if other managers exist (MnnEngine)."""
     MNN = import_mnn()
     config = {"backend": "CPU", "numThread": threads, "precision": MNN_PRECISION[precision]}
-    manager = MNN.nn.create_runtime_manager((config,))
-    manager.set_hint(WINOGRAD_HINT, WINOGRAD_LEVEL[winograd])
+    with stdout_silenced():  # "MNN use low precision"
+        manager = MNN.nn.create_runtime_manager((config,))
+        manager.set_hint(WINOGRAD_HINT, WINOGRAD_LEVEL[winograd])
     return manager
 
 
 class MnnEngine:
-    """MNN Module API. Module.forward is not documented as thread-safe, so calls are serialised by a lock."""
+    """MNN Module API. Module.forward is not documented as thread-safe, so calls are serialised by a lock.
+
+    MNN reports a failed forward (e.g. a shape its graph cannot take) by printing on stdout and returning no
+    outputs: the resize (first forward, new input shape), where such failures happen, runs with stdout captured,
+    and every forward's outputs are counted, so a failure is one EdgeRuntimeError with MNN's reason."""
 
     backend = "mnn"
 
     def __init__(self, path: str, threads: int, precision: str, winograd: str = "accurate"):
         MNN = import_mnn()
         self._F = MNN.expr
+        self._path = path
         self._runtime_manager = runtime_manager = mnn_runtime_manager(threads, precision, winograd)
         self._winograd_level = WINOGRAD_LEVEL[winograd]
         self._resized_for = None
         try:
             with stdout_silenced():
                 self._module = MNN.nn.load_module_from_file(path, [], [], runtime_manager=runtime_manager)
+                info = self._module.get_info()
         except (SystemError, RuntimeError):
             raise EdgeRuntimeError(
                 f"{path}: not a valid MNN model (truncated, or another format); re-export it") from None
-        info = self._module.get_info()
         self.input_names = list(info["inputNames"])
         self.output_names = list(info["outputNames"])
-        self.input_shapes = {name: None for name in self.input_names}  # MNN does not report them
+        self.input_shapes = dict.fromkeys(self.input_names)
+        for name, var in zip(self.input_names, info.get("inputs") or []):
+            try:
+                self.input_shapes[name] = graph_input_shape(var.shape)
+            except (RuntimeError, SystemError, ValueError, TypeError):  # a shape MNN cannot tell before resize
+                pass
         self.metadata_text = info.get("bizCode") or ""
         self._lock = threading.Lock()
 
@@ -99,20 +88,41 @@ class MnnEngine:
         shapes = [feeds[name].shape for name in self.input_names]
         with self._lock:
             if shapes != self._resized_for:
-                with _RESIZE_LOCK:
+                printed = []
+                with _RESIZE_LOCK, stdout_silenced(printed):
                     self._runtime_manager.set_hint(WINOGRAD_HINT, self._winograd_level)
                     outputs = self._module.forward(inputs)
-                self._resized_for = shapes
+                outputs = self._check_forward(outputs, shapes, printed)
+                self._resized_for = shapes  # only once it worked: a failing shape stays silenced
             else:
-                outputs = self._module.forward(inputs)
-            if not isinstance(outputs, (list, tuple)):
-                outputs = [outputs]
+                outputs = self._check_forward(self._module.forward(inputs), shapes, None)
             arrays = []
             for out in outputs:
                 if out.data_format == F.NC4HW4:
                     out = F.convert(out, F.NCHW)
                 arrays.append(np.array(out.read(), copy=True))  # read() may alias MNN's buffers
         return dict(zip(self.output_names, arrays))
+
+    def _check_forward(self, outputs, shapes, printed: list | None) -> list:
+        """MNN's outputs as a list, or EdgeRuntimeError when any is missing or empty (a failed forward)."""
+        outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+        missing = [name for i, name in enumerate(self.output_names)
+                   if i >= len(outputs) or not outputs[i].shape or 0 in outputs[i].shape]
+        if missing:
+            reason = last_words("".join(printed or []))
+            shape = ", ".join(str(list(s)) for s in shapes)
+            raise EdgeRuntimeError(
+                f"MNN forward failed on {os.path.basename(self._path)}: no output '{missing[0]}' for input {shape}"
+                + (f" (MNN: {reason})" if reason else "") + "; check the input shape, or re-export the model")
+        return outputs
+
+
+def graph_input_shape(shape) -> list[int] | None:
+    """An MNN graph input's recorded shape, batch 1 as -1 (MNN records a dynamic batch as 1); None if unknown."""
+    shape = [int(d) for d in shape or []]
+    if not shape or any(d < 1 for d in shape[1:]):
+        return None
+    return [-1 if shape[0] == 1 else shape[0], *shape[1:]]
 
 
 class OrtEngine:
@@ -133,7 +143,7 @@ class OrtEngine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # errors only: keep optimiser notices off the console
+        options.log_severity_level = 4  # fatal only: a failed run is raised to us, then reported once
         try:
             self._session = ort.InferenceSession(
                 path, sess_options=options, providers=["CPUExecutionProvider"])

@@ -1,13 +1,14 @@
 """Reading images safely: any Pillow mode to RGB, EXIF orientation applied, decompression bombs refused."""
 from __future__ import annotations
 
+import contextlib
 import os
-import struct
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from .console import last_words, stderr_silenced
 from .errors import EdgeRuntimeError
 
 # Refused before decoding. 64 MP covers camera photos; a 50,000-pixel-wide strip is refused by the side limit,
@@ -15,7 +16,8 @@ from .errors import EdgeRuntimeError
 MAX_IMAGE_PIXELS = 64_000_000
 MAX_IMAGE_SIDE = 20_000
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+def _reason(e: Exception) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 def check_size(size: tuple[int, int], name: str = "image") -> None:
@@ -72,25 +74,43 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
     name = os.fspath(source)
     if not os.path.isfile(name):
         raise EdgeRuntimeError(f"{name}: no such image file")
-    try:
-        with warnings.catch_warnings():  # Pillow's own bomb warning: we refuse such images ourselves
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with _decoder_quiet():
+        try:
             img = Image.open(name)
-    except Image.DecompressionBombError:
-        raise EdgeRuntimeError(f"{name}: image is over the size limit; downscale it first") from None
-    except Image.UnidentifiedImageError:
-        raise EdgeRuntimeError(f"{name}: not an image Pillow can read") from None
-    except _DECODE_ERRORS as e:
-        raise EdgeRuntimeError(f"{name}: cannot read image ({e})") from None
-    with img:
-        return _decode(img, name)
+        except Image.DecompressionBombError:
+            raise EdgeRuntimeError(f"{name}: image is over the size limit; downscale it first") from None
+        except Image.UnidentifiedImageError:
+            raise EdgeRuntimeError(f"{name}: not an image Pillow can read") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # Pillow's plugins raise OSError, ValueError, SyntaxError, EOFError, struct.error
+            # and more on damaged files (a TIFF tag of another type: TypeError; tests/test_fuzz_runtime.py)
+            raise EdgeRuntimeError(f"{name}: cannot read image ({_reason(e)})") from None
+        with img:
+            return _decode(img, name)
+
+
+@contextlib.contextmanager
+def _decoder_quiet(printed: list | None = None):
+    """Decoding with libtiff's and libjpeg's own stderr lines (appended to `printed`) and Pillow's warnings
+    (corrupt EXIF, our own size limits' bomb warning) kept off the console: a bad file is reported once, by our
+    error."""
+    with warnings.catch_warnings(), stderr_silenced(printed):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _decode(img: Image.Image, name: str) -> Image.Image:
     check_size(img.size, name)  # from the header: nothing decoded yet
+    printed = []
     try:
-        return to_rgb(ImageOps.exif_transpose(img))
-    except _DECODE_ERRORS as e:
-        raise EdgeRuntimeError(f"{name}: cannot decode image: {e}") from None
+        with _decoder_quiet(printed):
+            return to_rgb(ImageOps.exif_transpose(img))
     except EdgeRuntimeError as e:
         raise EdgeRuntimeError(f"{name}: {e}") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # as in load_image: any error of Pillow's on a damaged file
+        said = last_words("".join(printed))
+        raise EdgeRuntimeError(f"{name}: cannot decode image: {_reason(e)}"
+                               + (f" (decoder: {said})" if said else "")) from None

@@ -1,7 +1,6 @@
 """`load(path)` → Predictor: run arrays, preprocess and classify images per the artifact's own metadata."""
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -13,22 +12,13 @@ from PIL import Image
 from .engines import ENGINES, EXTENSIONS, WINOGRAD_LEVEL
 from .errors import EdgeRuntimeError
 from .images import load_image
-from .preprocess import check_metadata
+from .metadata import read_metadata
 from .preprocess import preprocess as preprocess_image
 
 PREPROCESS_KEYS = ("input_shape", "mean", "std", "crop_pct", "interpolation")
 BACKEND_ALIASES = {"mnn": "mnn", "onnxruntime": "onnxruntime", "ort": "onnxruntime", "onnx": "onnxruntime"}
 
 ImageLike = Union[str, os.PathLike, Image.Image]
-
-
-def parse_metadata(text: str) -> dict:
-    """The artifact metadata JSON, or {} for files not exported by edgeport (MNN's default: "MNNTest")."""
-    try:
-        meta = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def load(path: str | os.PathLike, backend: str = "auto", threads: int = 1,
@@ -111,8 +101,7 @@ class Predictor:
         self._engine = engine
         self.path = path
         self.backend = engine.backend
-        self.meta = parse_metadata(engine.metadata_text)
-        check_metadata(self.meta, path)
+        self.meta = read_metadata(engine.metadata_text, path)
         self.input_names = engine.input_names
         self.input_name = self.input_names[0]
         self.output_names = engine.output_names
@@ -123,6 +112,10 @@ class Predictor:
             raise EdgeRuntimeError(f"{path}: metadata input_shape {list(shape)} disagrees with the model's input "
                                    f"{_format_shape(graph_shape)}; re-export the model rather than editing it")
         self.input_shape = [int(d) for d in shape] if shape else None
+        missing = [n for n in self.meta.get("output_names") or [] if n not in self.output_names]
+        if missing:
+            raise EdgeRuntimeError(f"{path}: metadata output_names {self.meta['output_names']} disagrees with the "
+                                   f"model's outputs {self.output_names}; re-export the model rather than editing it")
         self.threads = None  # set by load()
 
     def __repr__(self) -> str:
@@ -156,6 +149,7 @@ class Predictor:
             raise EdgeRuntimeError(f"inputs named {sorted(inputs)}; the model expects {self.input_names}")
         feeds = {name: self._check_input(name, x) for name, x in inputs.items()}
         outputs = self._engine.run(feeds)
+        self._check_outputs(outputs, len(feeds[self.input_name]))
         if check_finite:
             for name, y in outputs.items():
                 if y.dtype.kind != "f":
@@ -168,6 +162,47 @@ class Predictor:
                         f"output '{name}' has {bad} of {y.size} values NaN/Inf (or saturated at float max); "
                         "check the input for NaN/huge values, or the model (if precision='low', try fp32)")
         return outputs
+
+    def expected_outputs(self, n: int) -> dict[str, list | None]:
+        """{output name: shape} a forward of batch n must return, per the metadata's task and num_classes (None
+        for a dimension it leaves open; None for the whole shape when the metadata names no task: it must exist)."""
+        if "task" not in self.meta:
+            return dict.fromkeys(self.output_names)
+        task, k = self.meta["task"], self.meta.get("num_classes")
+        if task == "detection":
+            boxes, scores = self.detector_outputs()
+            return {boxes: [n, None, 4], scores: [n, None, k]}
+        if task == "features":
+            return {name: [n, None, None, None] for name in self.output_names}
+        return {self.output_names[0]: [n, k]}
+
+    def detector_outputs(self) -> tuple[str, str]:
+        """(boxes, scores) output names of a detector: so named, or the first two."""
+        names = self.output_names
+        if {"boxes", "scores"} <= set(names):
+            return "boxes", "scores"
+        if len(names) == 2:
+            return names[0], names[1]
+        raise EdgeRuntimeError(f"{self.path}: not a detector (outputs {names}; expected 'boxes' and 'scores')")
+
+    def _check_outputs(self, outputs: dict, n: int) -> None:
+        """EdgeRuntimeError (one line) unless every output the metadata promises came back with its shape."""
+        expected = self.expected_outputs(n)
+        for name, shape in expected.items():
+            got = list(outputs[name].shape) if name in outputs else None
+            if got is not None and 0 not in got and (shape is None or (len(got) == len(shape) and all(
+                    e is None or e == g for e, g in zip(shape, got)))):
+                continue
+            want = "" if shape is None else ", expected [" + ", ".join(
+                "?" if d is None else str(d) for d in shape) + "]"
+            found = "no output" if got is None else f"output {got} as"
+            raise EdgeRuntimeError(f"{self.backend} forward failed on {os.path.basename(self.path)}: {found} "
+                                   f"'{name}'{want}; re-export the model (or check its metadata)")
+        if self.meta.get("task") == "detection":
+            (boxes, b), (scores, s) = ((name, outputs[name].shape) for name in expected)
+            if b[1] != s[1]:
+                raise EdgeRuntimeError(f"{self.backend} forward failed on {os.path.basename(self.path)}: {b[1]} "
+                                       f"'{boxes}' for {s[1]} '{scores}' anchors; re-export the model")
 
     # ---- images
     def require_metadata(self) -> None:

@@ -22,7 +22,7 @@ import models
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
-from test_runtime import make_photo, png_header_only, tiny_artifacts  # noqa: E402
+from test_runtime import make_photo, png_header_only, tiny_artifacts, write_failing_forward_model  # noqa: E402
 
 from export.mnn_convert import convert  # noqa: E402
 
@@ -68,6 +68,7 @@ METADATA_EDITS = {  # name → (metadata text in the file, hand-edited text)
     "interp": ('"interpolation": "bicubic"', '"interpolation": "bicubix"'),
     "task": ('"task": "classification"', '"task": "regression"'),
     "classes": ('"num_classes": 10', '"num_classes": -5'),
+    "classes_7": ('"num_classes": 10', '"num_classes": 7'),  # in bounds, but not what the graph returns
 }
 
 
@@ -80,6 +81,9 @@ def art(tmp_path_factory):
         for kind in ("mnn", "onnx"):
             files[f"{name}_{kind}"] = d / f"{name}.{kind}"
             hand_edit(tiny.cls[kind], files[f"{name}_{kind}"], old, new)
+    for task in ("classification", "detection"):  # load, then fail every forward at their metadata's size
+        failing = write_failing_forward_model(d, task)
+        files[f"fails_{task}_mnn"], files[f"fails_{task}_onnx"] = failing.mnn, failing.onnx
     files["plain_mnn"] = convert(tiny.cls["onnx"], d / "plain.mnn", "", log_path=d / "plain.log")
     mnn = tiny.cls["mnn"].read_bytes()
     raw = {"text.mnn": b"not a model\n", "truncated.mnn": mnn[:500], "onnx_named.mnn": tiny.cls["onnx"].read_bytes(),
@@ -150,6 +154,12 @@ INFER_CASES = [
     ("input_shape 4 channels", "{shape_4ch_mnn} {photo_png}", 2, "metadata input_shape"),
     ("input_shape 3-D", "{shape_3d_onnx} {photo_png}", 2, "metadata input_shape"),
     ("input_shape not the graph's (onnx)", "{shape_other_onnx} {photo_png}", 2, "disagrees with the model"),
+    ("input_shape not the graph's (mnn)", "{shape_other_mnn} {photo_png}", 2, "disagrees with the model"),
+    # the engine: a forward that fails, or returns other shapes than the metadata promises
+    ("MNN forward fails", "{fails_classification_mnn} {photo_png}", 2, "MNN forward failed"),
+    ("onnxruntime forward fails", "{fails_classification_onnx} {photo_png}", 2, "onnxruntime failed"),
+    ("7 classes, 10 logits (mnn)", "{classes_7_mnn} {photo_png}", 2, "output [1, 10] as 'logits', expected [1, 7]"),
+    ("7 classes, 10 logits (onnx)", "{classes_7_onnx} {photo_png}", 2, "expected [1, 7]"),
     ("unknown interpolation", "{interp_mnn} {photo_png}", 2, "metadata interpolation"),
     ("unknown task", "{task_onnx} {photo_png}", 2, "metadata task"),
     ("negative num_classes", "{classes_mnn} {photo_png}", 2, "metadata num_classes"),
@@ -217,7 +227,9 @@ def test_float_tiff_classified_like_its_8_bit_png(art):
 BENCH_CASES = [
     ("missing artifact", "{missing}", 2, "no such model file"),
     ("text artifact", "{text_mnn}", 2, "not a valid MNN model"),
-    ("artifact without metadata", "{plain_mnn} --n 2", 2, "input shape unknown"),
+    ("MNN forward fails", "{fails_classification_mnn} --n 2", 2, "MNN forward failed"),
+    ("onnxruntime forward fails", "{fails_classification_onnx} --n 2", 2, "onnxruntime failed"),
+    ("7 classes, 10 logits", "{classes_7_mnn} --n 2", 2, "expected [1, 7]"),
     ("hand-edited crop_pct", "{crop_neg_onnx} --n 2", 2, "metadata crop_pct"),
     ("hand-edited huge input_shape", "{shape_huge_memory_mnn} --n 2", 2, "fits memory"),
     ("--n 0", "{cls_onnx} --n 0", 2, "--n"),
@@ -236,6 +248,30 @@ def test_runtime_bench(art, case, argv, code, words):
     before = [tree_digest(r) for r in art.roots]
     check_one_line(run_module("benchmarks.runtime_bench", argv.format(**art.files).split()), code, words)
     assert [tree_digest(r) for r in art.roots] == before
+
+
+DETECT_CASES = [
+    ("MNN forward fails", "{fails_detection_mnn} {photo_png}", 2, "MNN forward failed"),
+    ("onnxruntime forward fails", "{fails_detection_onnx} {photo_png}", 2, "onnxruntime failed"),
+    ("a classifier", "{cls_mnn} {photo_png}", 2, "not an edgeport detector"),
+    ("--save-dir is a file", "{fails_detection_mnn} {photo_png} --save-dir {labels3_txt}", 2, "not a directory"),
+]
+
+
+@pytest.mark.parametrize("case, argv, code, words", DETECT_CASES, ids=[c[0] for c in DETECT_CASES])
+def test_runtime_detect(art, case, argv, code, words):
+    before = [tree_digest(r) for r in art.roots]
+    result = run_module("runtime.detect", argv.format(**art.files).split())
+    check_one_line(result, code, words)
+    assert result.stdout == ""  # MNN's own complaint is captured into the error line, not printed
+    assert [tree_digest(r) for r in art.roots] == before
+
+
+def test_failed_forward_prints_nothing_on_stdout(art):
+    for kind in ("mnn", "onnx"):
+        result = run_module("runtime.infer", [art.files[f"fails_classification_{kind}"], art.files["photo_png"]])
+        check_one_line(result, 2, "failed")
+        assert result.stdout == "", result.stdout
 
 
 def test_runtime_bench_threads_above_the_cpus_capped_for_onnxruntime(art):

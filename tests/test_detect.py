@@ -1,5 +1,6 @@
 """runtime/detect.py (letterbox, NMS, CLI) and export/detection_parity.py, on a hand-built ONNX detector."""
 import json
+import os
 
 import numpy as np
 import onnx
@@ -156,15 +157,6 @@ def detector(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def detection_metadata_accepted(monkeypatch):
-    """runtime.preprocess validates the metadata task; until it lists "detection", accept it here."""
-    import runtime.preprocess
-
-    if "detection" not in runtime.preprocess.TASKS:
-        monkeypatch.setattr(runtime.preprocess, "TASKS", (*runtime.preprocess.TASKS, "detection"))
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     d = tmp_path_factory.mktemp("photos")
@@ -199,3 +191,32 @@ def test_cli_non_image_is_one_line_exit_2(detector, photos, capsys):
 def test_cli_bad_threshold_exit_2(detector, photos, capsys):
     assert main([detector, str(photos / "bright.png"), "--conf", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: --conf")
+
+
+@pytest.mark.parametrize("case", ["regular file", "below a regular file", "/dev/null", "drawing name is a dir"])
+def test_cli_unusable_save_dir_is_one_line_exit_2(detector, photos, tmp_path, capsys, case):
+    (tmp_path / "file.txt").write_text("mine\n")
+    save_dir = {"regular file": tmp_path / "file.txt", "below a regular file": tmp_path / "file.txt" / "out",
+                "/dev/null": "/dev/null", "drawing name is a dir": tmp_path / "out"}[case]
+    (tmp_path / "out" / "bright.png").mkdir(parents=True)  # where bright.png's drawing would go
+    code = main([detector, str(photos / "bright.png"), "--save-dir", str(save_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert (tmp_path / "file.txt").read_text() == "mine\n"
+    assert sorted(os.listdir(tmp_path / "out")) == ["bright.png"]  # no temp file left behind
+
+
+def test_cli_same_stem_in_different_folders_never_overwrites(detector, tmp_path, capsys):
+    """a/x.png, b/x.png and a/x.jpg: three drawings, each of its own image (sizes differ), none overwritten."""
+    sizes = {"a/x.png": (40, 30), "b/x.png": (50, 20), "a/x.jpg": (30, 60)}
+    for rel, size in sizes.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        Image.new("RGB", size, (200, 200, 200)).save(tmp_path / rel)
+    images = [str(tmp_path / rel) for rel in sizes]
+    assert main([detector, *images, "--save-dir", str(tmp_path / "out"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    saved = [r["saved"] for r in doc["results"]]
+    assert [os.path.basename(p) for p in saved] == ["x.png", "x-2.png", "x-3.png"]
+    for path, size in zip(saved, sizes.values()):
+        with Image.open(path) as im:
+            assert im.size == size

@@ -110,6 +110,44 @@ def build_tiny_artifacts(out_dir) -> SimpleNamespace:
         cls_fixed_batch=out_dir / "cls_b2.onnx")
 
 
+def write_failing_forward_model(out_dir, task: str = "classification", size: int = SIZE) -> SimpleNamespace:
+    """A model that loads but cannot run at its own metadata's input size, as the ONNX and the MNN files: its
+    input has free H and W (nothing to check at load), and it adds a [1, 3, 16, 16] constant to a 32x32 input.
+    MNN then prints a shape error on stdout and returns no outputs; onnxruntime raises. With size 16 it runs."""
+    from onnx import TensorProto, helper
+
+    detector = task == "detection"
+    meta = {"task": task, "input_shape": [-1, 3, size, size], "mean": [0.5] * 3, "std": [0.5] * 3,
+            "crop_pct": 1.0, "interpolation": "bilinear", "num_classes": 3,
+            "output_names": ["boxes", "scores"] if detector else ["logits"]}
+    if detector:
+        meta.update(resize="letterbox", pad_value=114)
+    const = np.ones((1, 3, SIZE // 2, SIZE // 2), np.float32)
+    nodes = [helper.make_node("Add", ["input", "c"], ["y"]),
+             helper.make_node("ReduceMean", ["y"], ["logits"], axes=[2, 3], keepdims=0)]  # [N, 3]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])]
+    if detector:  # boxes [N, 1, 4] and scores [N, 1, 3] from the same mean
+        nodes += [helper.make_node("Unsqueeze", ["logits", "one"], ["scores"]),
+                  helper.make_node("Concat", ["scores", "logits1"], ["boxes"], axis=2),
+                  helper.make_node("Slice", ["scores", "zero", "one", "two"], ["logits1"])]
+        nodes[-2], nodes[-1] = nodes[-1], nodes[-2]
+        outputs = [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["N", 1, 4]),
+                   helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1, 3])]
+    inits = [helper.make_tensor("c", TensorProto.FLOAT, const.shape, const.ravel()),
+             helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("zero", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("two", TensorProto.INT64, [1], [2])]
+    graph = helper.make_graph(nodes, "fails_at_32", [
+        helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    helper.set_model_props(model, {"edgeport": json.dumps(meta)})
+    name = out_dir / f"{'fails' if size != SIZE // 2 else 'runs'}_{task}.onnx"
+    onnx.save(model, str(name))
+    convert(name, name.with_suffix(".mnn"), json.dumps(meta), log_path=name.with_suffix(".log"))
+    return SimpleNamespace(onnx=name, mnn=name.with_suffix(".mnn"), meta=meta)
+
+
 _BUILT: dict = {}
 
 
@@ -432,7 +470,7 @@ def test_model_without_metadata_runs_but_cannot_preprocess(artifacts, tmp_path):
     plain = tmp_path / "plain.mnn"
     convert(artifacts.cls["onnx"], plain, "", log_path=tmp_path / "plain.log")
     p = runtime.load(plain)
-    assert p.meta == {} and p.input_shape is None
+    assert p.meta == {} and p.input_shape == [-1, 3, SIZE, SIZE]  # the graph's own (MNN records batch -1 as 1)
     assert p.run(np.zeros((1, 3, SIZE, SIZE), np.float32))["logits"].shape == (1, 10)
     with pytest.raises(runtime.EdgeRuntimeError, match="no edgeport preprocessing metadata"):
         p.classify(make_photo(40, 40))
