@@ -132,10 +132,11 @@ def write_tarball(root: Path, bundle: Bundle, bundle_json: bytes) -> Path:
     written to a temporary file beside it and renamed."""
     tarball = root.parent / f"{root.name}{TARBALL_SUFFIX}"
     members = sorted({f.file for form in bundle.forms for f in form.files.values()}
-                     | {f"{form.tag}/{MANIFEST}" for form in bundle.forms})
+                     | {f"{form.tag}/{MANIFEST}" for form in bundle.forms if (root / form.tag / MANIFEST).is_file()})
     fd, tmp = tempfile.mkstemp(prefix=f".{tarball.name}.", suffix=".tmp", dir=root.parent)
     try:
-        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+        # float weights barely compress: the fastest level
+        with os.fdopen(fd, "wb") as f, tarfile.open(fileobj=f, mode="w:gz", compresslevel=1) as tar:
             info = tarfile.TarInfo(f"{root.name}/{BUNDLE_JSON}")
             info.size, info.mode, info.mtime = len(bundle_json), 0o644, int(os.path.getmtime(root / BUNDLE_JSON))
             tar.addfile(info, io.BytesIO(bundle_json))
