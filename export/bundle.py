@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 from rich.console import Console
+from rich.markup import escape
 
 from models.errors import EdgeportError
 from models.inference import DEFAULT_MLP, DEFAULT_PCONV, MLP_FORMS, PCONV_FORMS
@@ -122,8 +123,8 @@ def build_bundle(opts: ExportOptions, console: Console | None = None) -> tuple[P
     size = tarball.stat().st_size / 1e6
     console.print(f"[bold]bundle[/bold] {len(forms)} forms, baseline {bundle.baseline}: {root / BUNDLE_JSON}, "
                   f"{tarball} ({size:.1f} MB)")
-    console.print(f"on the board: pip install 'edgeport-runtime[all]'; edgeport-bench {tarball.name} "
-                  "--json board.json; here: python -m export " + opts.model + " --device board.json")
+    console.print(escape(f"on the board: pip install 'edgeport-runtime[all]'; edgeport-bench {tarball.name} "
+                         f"--json board.json; here: python -m export {opts.model} --device board.json"))
     return tarball, bundle
 
 

@@ -97,9 +97,9 @@ def form_of_tag(tag: str) -> tuple[str | None, str | None]:
 
 def choose_from_device(model: str, path: str, pconv: str = "auto", mlp: str = "auto",
                        allow_emulated: bool = False) -> tuple[str, str, dict]:
-    """(pconv, mlp, record): the form of the fastest result a board measured (edgeport-bench --json) among files
-    whose targets passed their gates, within any form given explicitly, and per engine that form's fastest
-    file. The record (device, numbers that chose) goes into the manifest and report."""
+    """(pconv, mlp, record): the form a board measured fastest (edgeport-bench --json) among files whose targets
+    passed their gates, within any form given explicitly, and per engine that form's fastest file. The record
+    (device, numbers that chose) goes into the manifest and report."""
     from runtime.device import describe, read_results
     from runtime.errors import EdgeRuntimeError
 
@@ -120,7 +120,11 @@ def choose_from_device(model: str, path: str, pconv: str = "auto", mlp: str = "a
         raise EdgeportError(f"--device {path}: no result of a target that passed its gate"
                             + (f" with --pconv {pconv} --mlp {mlp}" if (pconv, mlp) != ("auto", "auto") else "")
                             + "; re-make the bundle with its parity gate and bench it again")
-    best = min(usable, key=lambda r: r.median_ms)
+    # The fastest file kind (engine, target, precision) by median; among its forms, the lowest paired ratio to the
+    # baseline (per-round ratios cancel the drift a median across minutes of rounds does not).
+    fastest = min(usable, key=lambda r: r.median_ms)
+    kind = (fastest.engine, fastest.target, fastest.precision)
+    best = min((r for r in usable if (r.engine, r.target, r.precision) == kind), key=lambda r: r.ratio_to_baseline)
     chosen_pconv, chosen_mlp = form_of_tag(best.form)
     per_engine = {}
     for r in sorted(usable, key=lambda r: r.median_ms):
