@@ -309,6 +309,50 @@ def pin(cores: str) -> list[int]:
     return sorted(os.sched_getaffinity(0))
 
 
+def _groups(entries: list[Entry]) -> list[list[Entry]]:
+    """Entries by (target, engine, precision): each group holds every form of one file kind and its baseline."""
+    groups: dict[tuple, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault(e.pair, []).append(e)
+    return list(groups.values())
+
+
+def time_group(entries: list[Entry], args, failed: list[str], shared: dict, budget: float):
+    """Prepare (load, run once, check) and time `entries` interleaved: (entries timed, {key: seconds})."""
+    from .timing import interleaved
+
+    ready = []
+    for i, entry in enumerate(entries, 1):
+        try:
+            shared["expected"] = prepare(entry, args.threads, shared["expected"])
+            ready.append(entry)
+            log(f"  [{i}/{len(entries)}] {entry.label}: load {entry.load_ms:.0f} ms, first {entry.first_ms:.1f} ms")
+        except EdgeRuntimeError as e:
+            failed.append(f"{entry.label}: {str(e).removeprefix(str(entry.path) + ': ')}")
+            log(f"  [{i}/{len(entries)}] {entry.label}: FAILED, not timed")
+    if not ready:
+        return [], {}
+    start = last = time.perf_counter()
+
+    def progress(done: int) -> None:
+        nonlocal last
+        if time.perf_counter() - last > 2 or done == args.rounds:
+            last = time.perf_counter()
+            log(f"  round {done}/{args.rounds} ({last - start:.0f} s)")
+
+    log(f"timing {len(ready)} files × engines, interleaved: {args.warmup} warm-up + {args.rounds} rounds "
+        f"(budget {budget:.0f} s)")
+    times = interleaved({e.key: e.run for e in ready}, iters=args.rounds, warmup=args.warmup,
+                        max_seconds=budget, progress=progress)
+    for entry in list(ready):  # a file that went wrong during the rounds is not reported either
+        try:
+            check_outputs(entry, entry.run(), entry.outputs)
+        except EdgeRuntimeError as e:
+            failed.append(f"{entry.label}: after the rounds: {e}")
+            ready.remove(entry)
+    return ready, {e.key: times[e.key] for e in ready}
+
+
 def drift(times: dict[str, np.ndarray], start_state, end_state) -> Drift | None:
     rounds = min((len(t) for t in times.values()), default=0)
     if rounds < 2:
@@ -389,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many seconds of warm-up + rounds once 3 rounds are done (default 600)")
     p.add_argument("--engines", help="comma-separated subset of " + ",".join(ENGINE_PACKAGES)
                    + " (default: every installed one)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="load and time one file kind (target × engine × precision) at a time, its forms interleaved "
+                        "with their baseline, instead of every file at once (fasternet_t0's bundle: 2.9 GB resident)")
     p.add_argument("--precision", default="fp32,low",
                    help="MNN precisions to time: fp32, low (fp16 arithmetic on ARMv8.2+) or both (default)")
     return p
@@ -437,41 +484,22 @@ def _main(args, scratch: Path) -> int:
     if device.emulated:
         log(f"warning: emulated ({device.emulation_evidence}): timings are not this CPU's latency")
 
-    failed, ready, expected = [], [], None
-    for i, entry in enumerate(entries, 1):
-        try:
-            expected = prepare(entry, args.threads, expected)
-            ready.append(entry)
-            log(f"  [{i}/{len(entries)}] {entry.label}: load {entry.load_ms:.0f} ms, first {entry.first_ms:.1f} ms")
-        except EdgeRuntimeError as e:
-            failed.append(f"{entry.label}: {str(e).removeprefix(str(entry.path) + ': ')}")
-            log(f"  [{i}/{len(entries)}] {entry.label}: FAILED, not timed")
+    groups = _groups(entries) if args.low_memory else [entries]
+    failed, ready, times, shared = [], [], {}, {"expected": None}
+    start, state = time.perf_counter(), cpu_state()
+    for n, group in enumerate(groups, 1):
+        if len(groups) > 1:
+            log(f"group {n}/{len(groups)}: {group[0].pair[0]} ({group[0].engine}, {group[0].precision})")
+        got, got_times = time_group(group, args, failed, shared, args.budget / len(groups))
+        ready += got
+        times.update(got_times)
+        for entry in group:
+            entry.run = None  # --low-memory: the group's models go before the next group loads
     if not ready:
         for line in failed:
             print(f"edgeport-bench: error: {line}", file=sys.stderr)
         return 2
-
-    start, state = time.perf_counter(), cpu_state()
-    last = [start]
-
-    def progress(done: int) -> None:
-        if time.perf_counter() - last[0] > 2 or done == args.rounds:
-            last[0] = time.perf_counter()
-            log(f"  round {done}/{args.rounds} ({last[0] - start:.0f} s)")
-
-    from .timing import interleaved
-
-    log(f"timing {len(ready)} files × engines, interleaved: {args.warmup} warm-up + {args.rounds} rounds "
-        f"(budget {args.budget:.0f} s)")
-    times = interleaved({e.key: e.run for e in ready}, iters=args.rounds, warmup=args.warmup,
-                        max_seconds=args.budget, progress=progress)
     seconds = time.perf_counter() - start
-    for entry in list(ready):  # a file that went wrong during the rounds is not reported either
-        try:
-            check_outputs(entry, entry.run(), entry.outputs)
-        except EdgeRuntimeError as e:
-            failed.append(f"{entry.label}: after the rounds: {e}")
-            ready.remove(entry)
     results = results_of(ready, times)
     board = BoardResults(
         schema=new_schema(), device=device, results=results, drift=drift(times, state, cpu_state()),

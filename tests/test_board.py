@@ -191,7 +191,7 @@ def _export_cli(*args):
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=600)
 
 
-def test_bad_or_emulated_device_json_is_one_line_and_exit_2(tmp_path):
+def test_bad_or_emulated_device_json_is_one_line_and_exit_2(tmp_path, capsys):
     good = json.loads(msgspec.json.encode(board_results({"split_cat-fc": 10.0, "slicing-conv": 8.0})))
     bad_type = json.loads(json.dumps(good))
     bad_type["results"][1]["median_ms"] = "fast"
@@ -207,11 +207,15 @@ def test_bad_or_emulated_device_json_is_one_line_and_exit_2(tmp_path):
             pipeline.choose_from_device("fasternet_t0", str(tmp_path / name))
     with pytest.raises(EdgeportError, match="not a regular file"):
         pipeline.choose_from_device("fasternet_t0", str(tmp_path))
+    from export.__main__ import main
+
+    assert main(["fasternet_t0", "--device", str(tmp_path / "type.json"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "results[1].median_ms" in err[0] and not (tmp_path / "out").exists()
     emulated = write(tmp_path / "emu.json", board_results({"split_cat-fc": 1.0}, emulated=True))
-    for path in (tmp_path / "type.json", emulated):
-        r = _export_cli("fasternet_t0", "--device", str(path), "--out", str(tmp_path / "out"))
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    r = _export_cli("fasternet_t0", "--device", str(emulated), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "emulation" in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
 def test_export_with_device_builds_the_form_the_board_measured_fastest(tmp_path):
@@ -316,3 +320,13 @@ def test_fasternet_bundle_bench_and_export_follow_the_board(tmp_path):
     r = _export_cli("fasternet_t0", "--device", str(out), "--targets", "ort", "--out", str(tmp_path / "x"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "x" / "fasternet_t0" / best.form / "manifest.json").is_file()
+
+
+def test_low_memory_times_one_file_kind_at_a_time_with_the_same_results(tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "low.json"
+    assert bench.main([str(tiny_bundle), "--low-memory", "--json", str(out), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert err.count("group ") == len(TARGETS)
+    results = device.read_results(out).results
+    assert {(r.form, r.target) for r in results} == {(f"{p}-{m}", t) for p, m in TINY_FORMS for t in TARGETS}
+    assert all(r.ratio_to_baseline == 1.0 for r in results if r.baseline)
