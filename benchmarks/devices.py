@@ -43,7 +43,8 @@ def merged_rows(boards: list[BoardResults]) -> dict[str, dict[tuple, list]]:
     out: dict[str, dict[tuple, list]] = {}
     for i, b in enumerate(boards):
         model = b.run.model or "(files)"
-        for r in sorted(b.results, key=lambda r: (r.engine, r.target, r.precision, not r.baseline, r.form)):
+        # stable: the forms keep the bench's (bundle's) order, baseline first
+        for r in sorted(b.results, key=lambda r: (r.engine, r.target, r.precision, not r.baseline)):
             out.setdefault(model, {}).setdefault(row_key(r), [None] * len(boards))[i] = r
     return out
 
@@ -78,8 +79,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def report(boards: list[BoardResults], files: list[str], labels: list[str], plot: str | None) -> str:
     lines = ["# Board results", "", "Timed on each device by `edgeport-bench` (forms interleaved in rounds; "
              "× fc is the median per-round ratio to the fc baseline on that device, same engine and file).", ""]
-    lines += _table(["device", "CPU", "ISA", "engines", "threads / cores", "rounds", "drift", "emulated", "file"],
-                    [[lab, describe(b.device), " ".join(b.device.isa),
+    lines += _table(["device", "CPU (ISA)", "engines", "threads / cores", "rounds", "drift", "emulated", "file"],
+                    [[lab, describe(b.device).removesuffix(" EMULATED"),
                       ", ".join(f"{k} {v}" for k, v in b.device.engines.items() if k != "numpy"),
                       f"{b.run.threads} / {','.join(map(str, b.run.cores))}", b.run.rounds,
                       f"{b.drift.ratio:.3f}" if b.drift else "—", "**yes**" if b.device.emulated else "no",
