@@ -100,6 +100,11 @@ def read_bundle(directory: Path) -> Bundle:
     if (bundle.schema.name, bundle.schema.version) != BUNDLE_SCHEMA:
         raise EdgeRuntimeError(f"{path}: schema {bundle.schema.name} v{bundle.schema.version}; this bench reads "
                                f"{BUNDLE_SCHEMA[0]} v{BUNDLE_SCHEMA[1]}")
+    for form in bundle.forms:
+        for target, f in form.files.items():
+            if Path(f.file).is_absolute() or ".." in Path(f.file).parts:
+                raise EdgeRuntimeError(f"{path}: forms[{form.tag}].files[{target}] {f.file!r} points outside the "
+                                       "bundle; re-make it with python -m export MODEL --bundle")
     return bundle
 
 
