@@ -5,6 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.edgeport-installed
 MODEL   ?= fasternet_t0
 WEIGHTS ?=
+DEVICE  ?=
 OUT     ?= artifacts
 EXPORT_ARGS ?=
 PYTEST_ARGS ?=
@@ -12,7 +13,7 @@ PARITY_ARGS ?=
 BENCH_ARGS ?=
 SMALL_MODELS := fasternet_t0 convnext_atto inception_next_atto efficientnetv2_s
 
-.PHONY: setup test test-slow lint export export-all parity bench bench-full clean
+.PHONY: setup test test-slow lint export export-all bundle parity bench bench-full clean
 
 setup: $(STAMP)
 
@@ -33,8 +34,13 @@ test-slow: setup
 lint: setup
 	$(PY) -m ruff check models export runtime benchmarks tests
 
+# DEVICE=board.json: the form the board measured fastest (edgeport-bench --json), instead of this host's choice.
 export: setup
-	$(PY) -m export $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) --out $(OUT) $(EXPORT_ARGS)
+	$(PY) -m export $(MODEL) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(DEVICE),--device $(DEVICE)) --out $(OUT) $(EXPORT_ARGS)
+
+# Every inference form of MODEL, gated, packed for the board: OUT/MODEL/bundle.json, OUT/MODEL.bundle.tar.gz
+bundle: setup
+	$(PY) -m export $(MODEL) --bundle $(if $(WEIGHTS),--weights $(WEIGHTS)) --out $(OUT) $(EXPORT_ARGS)
 
 # Carries on past a model whose parity gate fails, and exits with the failure at the end.
 export-all: setup

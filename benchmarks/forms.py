@@ -24,12 +24,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import runtime
 from export import targets
 from export.build import build_artifact
+from export.bundle import form_grid
 from export.inputs import sample_batch
 from export.install import destination_lock
 from export.manifest import tool_versions
-from export.source import artifact_meta, build_models, form_tag, make_source, model_forms
+from export.source import artifact_meta, build_models, form_tag, make_source
 from models.errors import EdgeportError
-from models.inference import MLP_FORMS, PCONV_FORMS, to_inference
+from models.inference import to_inference
 from models.metrics import max_rel
 from runtime.atomic import write_json
 
@@ -66,14 +67,6 @@ def prune_cache(cache: Path, keep: str) -> None:
     for old in Path(cache).glob("?" * len(keep)):
         if old.is_dir() and old.name != keep and all(c in "0123456789abcdef" for c in old.name):
             shutil.rmtree(old, ignore_errors=True)
-
-
-def form_grid(reference: nn.Module) -> list[tuple[str | None, str | None]]:
-    """(pconv, mlp) pairs that mean something for this network; the baseline (split_cat, fc) comes first."""
-    has_pconv, has_mlp = model_forms(reference)
-    pconvs = sorted(PCONV_FORMS, key=lambda f: f != "split_cat") if has_pconv else [None]
-    mlps = sorted(MLP_FORMS, key=lambda f: f != "fc") if has_mlp else [None]
-    return [(p, m) for p in pconvs for m in mlps]
 
 
 def counted_macs(module: nn.Module, x: torch.Tensor) -> int:

@@ -102,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simplifier", default="onnxsim", choices=onnx_export.SIMPLIFIERS, help="default onnxsim")
     p.add_argument("--features-only", action="store_true", help="export the stage outputs feat_s4..feat_s32")
     p.add_argument("--out", default="artifacts", help="output root (default artifacts/)")
+    board = p.add_argument_group("boards (docs/guides/board.md)")
+    board.add_argument("--bundle", action="store_true",
+                       help="export every inference form (fc baseline first), each gated, and write OUT/MODEL/"
+                            "bundle.json + OUT/MODEL.bundle.tar.gz for edgeport-bench on the board")
+    board.add_argument("--device", metavar="RESULTS.json",
+                       help="choose the form (and the file per engine) the board measured fastest among files "
+                            "whose targets passed their gates (edgeport-bench --json); default: the build host's "
+                            "recommendation")
+    board.add_argument("--allow-emulated", action="store_true",
+                       help="let --device choose from results measured under emulation (qemu): not latency")
     p.add_argument("--no-parity", dest="parity", action="store_false", help="skip the parity gate")
     p.add_argument("--seed", type=int, default=0, help="seed of random init and calibration (default 0)")
     p.add_argument("-v", "--verbose", action="store_true", help="show converter and library output")
@@ -145,8 +155,16 @@ def _main(argv) -> int:
                          targets=args.targets, calib=args.calib, int8_mnn=args.int8_mnn, opset=args.opset,
                          exporter=args.exporter, simplifier=args.simplifier,
                          features_only=args.features_only, out=args.out, parity=args.parity, seed=args.seed,
-                         verbose=args.verbose)
+                         verbose=args.verbose, device=args.device, allow_emulated=args.allow_emulated)
     try:
+        if args.bundle:
+            if args.device:
+                raise EdgeportError("--bundle builds every form for the board; --device chooses one from its "
+                                    "results: use them in two runs")
+            from .bundle import build_bundle
+
+            _, bundle = build_bundle(opts)
+            return 1 if any(f.status == "failed" for f in bundle.forms) else 0
         manifest = run_export(opts)
     except EdgeportError as e:
         print(f"export: error: {_one_line(str(e))}", file=sys.stderr)

@@ -86,6 +86,24 @@ def _record_lines(record: dict) -> list[str]:
     return lines
 
 
+def _form_lines(forms: dict) -> list[str]:
+    """Where the form was chosen: on a board (its device and the numbers that chose), the build host, or given."""
+    if not forms:
+        return []
+    lines = ["", "## Form", "", f"Chosen on: **{forms.get('chosen_on', 'given')}** — {forms.get('resolved_by')}"]
+    device = forms.get("device")
+    if device:
+        lines += ["", f"Board results `{device['file']}` ({device['device']}, measured {device['measured']}; "
+                  f"ratios to {device['baseline']}):", ""]
+        lines += markdown_table(["form", "fastest ms", "engine", "target", "× baseline"],
+                                [[f"**{f}**" if f == device["chosen"]["form"] else f, f"{r['fastest_ms']:.3f}",
+                                  r["engine"], r["target"], f"{r['ratio_to_baseline']:.3f}"]
+                                 for f, r in device["forms"].items()], "lrllr")
+        lines += ["", "Fastest file per engine for this form: " + "; ".join(
+            f"{e}: `{r['file']}` ({r['target']}, {r['median_ms']:.3f} ms)" for e, r in device["per_engine"].items())]
+    return lines
+
+
 def render_report(manifest: dict, parity_markdown: str | None = None) -> str:
     src, meta, onnx_info = manifest["source"], manifest["metadata"], manifest.get("onnx", {})
     status = f"**Status: {manifest['status'].upper()}**"
@@ -94,6 +112,7 @@ def render_report(manifest: dict, parity_markdown: str | None = None) -> str:
     lines = [f"# {src['model']} — {manifest['form_tag']}", "", status,
              "", "## Source", ""]
     lines += markdown_table(["key", "value"], [[k, f"`{json.dumps(v)}`"] for k, v in src.items()])
+    lines += _form_lines((manifest.get("export") or {}).get("forms") or {})
     lines += ["", "## Metadata (ONNX metadata_props `edgeport`; MNN bizCode with its precision)", ""]
     lines += markdown_table(["key", "value"], [[k, f"`{json.dumps(v)}`"] for k, v in meta.items()])
     lines += ["", "## Files", ""]

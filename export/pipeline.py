@@ -56,6 +56,8 @@ class ExportOptions:
     seed: int = 0
     verbose: bool = False
     gates: dict | None = None
+    device: str | None = None   # board results (edgeport-bench --json) to choose the form from
+    allow_emulated: bool = False
 
 
 
@@ -85,6 +87,74 @@ def resolve_forms(model: str, pconv: str, mlp: str, path: Path = RECOMMENDATION)
     choice = {**FALLBACK_FORMS, **{k: v for k, v in rec.items()
                                    if v in (PCONV_FORMS if k == "pconv" else MLP_FORMS)}}
     return (choice["pconv"] if pconv == "auto" else pconv), (choice["mlp"] if mlp == "auto" else mlp), note
+
+
+def form_of_tag(tag: str) -> tuple[str | None, str | None]:
+    """"split_cat-fc" → ("split_cat", "fc"); "conv" → (None, "conv"): the forms a result's tag names."""
+    parts = tag.removesuffix("-features").split("-")
+    return (next((p for p in parts if p in PCONV_FORMS), None), next((p for p in parts if p in MLP_FORMS), None))
+
+
+def choose_from_device(model: str, path: str, pconv: str = "auto", mlp: str = "auto",
+                       allow_emulated: bool = False) -> tuple[str, str, dict]:
+    """(pconv, mlp, record): the form a board measured fastest (edgeport-bench --json) among files whose targets
+    passed their gates, within any form given explicitly, and per engine that form's fastest file. The record
+    (device, numbers that chose) goes into the manifest and report."""
+    from runtime.device import describe, read_results
+    from runtime.errors import EdgeRuntimeError
+
+    try:
+        board = read_results(path)
+    except EdgeRuntimeError as e:
+        raise EdgeportError(f"--device {e}") from None
+    device = board.device
+    if device.emulated and not allow_emulated:
+        raise EdgeportError(f"--device {path}: measured under emulation ({device.emulation_evidence}); emulated "
+                            "timings are not a board's latency: bench on the board, or add --allow-emulated")
+    if board.run.model and board.run.model != model:
+        raise EdgeportError(f"--device {path}: measured {board.run.model}, not {model}; bench {model}'s bundle")
+    usable = [r for r in board.results if r.gate == "passed" and r.ratio_to_baseline is not None
+              and (pconv == "auto" or form_of_tag(r.form)[0] == pconv)
+              and (mlp == "auto" or form_of_tag(r.form)[1] == mlp)]
+    if not usable:
+        raise EdgeportError(f"--device {path}: no result of a target that passed its gate"
+                            + (f" with --pconv {pconv} --mlp {mlp}" if (pconv, mlp) != ("auto", "auto") else "")
+                            + "; re-make the bundle with its parity gate and bench it again")
+    # The fastest file kind (engine, target, precision) by median; among its forms, the lowest paired ratio to the
+    # baseline (per-round ratios cancel the drift a median across minutes of rounds does not).
+    fastest = min(usable, key=lambda r: r.median_ms)
+    kind = (fastest.engine, fastest.target, fastest.precision)
+    best = min((r for r in usable if (r.engine, r.target, r.precision) == kind), key=lambda r: r.ratio_to_baseline)
+    chosen_pconv, chosen_mlp = form_of_tag(best.form)
+    per_engine = {}
+    for r in sorted(usable, key=lambda r: r.median_ms):
+        if r.form == best.form:
+            per_engine.setdefault(r.engine, {"target": r.target, "file": r.file, "precision": r.precision,
+                                             "median_ms": r.median_ms, "ratio_to_baseline": r.ratio_to_baseline})
+    forms = {}
+    for r in sorted(usable, key=lambda r: r.median_ms):
+        forms.setdefault(r.form, {"fastest_ms": r.median_ms, "engine": r.engine, "target": r.target,
+                                  "ratio_to_baseline": r.ratio_to_baseline})
+    record = {"file": os.path.abspath(path), "device": describe(device), "emulated": device.emulated,
+              "hostname": device.hostname, "measured": board.run.date, "baseline": board.run.baseline_form,
+              "chosen": {"form": best.form, "engine": best.engine, "target": best.target,
+                         "median_ms": best.median_ms, "ratio_to_baseline": best.ratio_to_baseline},
+              "per_engine": per_engine, "forms": forms}
+    return ((chosen_pconv or DEFAULT_PCONV) if pconv == "auto" else pconv,
+            (chosen_mlp or DEFAULT_MLP) if mlp == "auto" else mlp, record)
+
+
+def _resolve(opts: ExportOptions) -> tuple[str, str, dict]:
+    """(pconv, mlp, forms record for the manifest): from the board (--device) or the build host."""
+    if opts.device:
+        pconv, mlp, record = choose_from_device(opts.model, opts.device, opts.pconv, opts.mlp, opts.allow_emulated)
+        chosen = record["chosen"]
+        note = (f"form {chosen['form']} chosen on the board: {chosen['median_ms']:.3f} ms with {chosen['engine']} "
+                f"{chosen['target']} ({chosen['ratio_to_baseline']:.3f}× {record['baseline']}), {record['device']}")
+        return pconv, mlp, {"resolved_by": note, "chosen_on": "device", "device": record}
+    pconv, mlp, note = resolve_forms(opts.model, opts.pconv, opts.mlp)
+    given = opts.pconv != "auto" and opts.mlp != "auto"
+    return pconv, mlp, {"resolved_by": note or "given", "chosen_on": "given" if given else "build host"}
 
 
 def _check_options(opts: ExportOptions) -> None:
@@ -135,15 +205,15 @@ def run_export(opts: ExportOptions, console: Console | None = None) -> dict:
     console = console or make_console()
     start = time.perf_counter()
     _check_options(opts)
-    pconv, mlp, note = resolve_forms(opts.model, opts.pconv, opts.mlp)
-    if note:
-        console.print(f"[dim]{note}[/dim]")
+    pconv, mlp, forms = _resolve(opts)
+    if forms["resolved_by"] != "given":
+        console.print(f"[dim]{forms['resolved_by']}[/dim]")
     source = make_source(opts.model, opts.weights, opts.img_size, opts.batch, opts.dynamic_batch,
                          opts.features_only, pconv, mlp, opts.seed)
     out = Path(opts.out)
     build = make_build_dir(out, export_name(source))
     try:
-        manifest, dest = _run_steps(opts, source, build, console, start, note)
+        manifest, dest = _run_steps(opts, source, build, console, start, forms)
         installed = install(build, dest, manifest["status"])
     except EdgeportError as e:
         kept = _keep_log(build, opts)
@@ -164,8 +234,7 @@ def _discard(build: Path) -> None:
     remove_if_empty(build.parent)
 
 
-def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console, start: float,
-               forms_note: str | None):
+def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console, start: float, forms: dict):
     steps = Steps(console)
     reference, inference, meta = build_models(source, step=steps.step)
     tag = form_tag(meta)
@@ -206,7 +275,7 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
         "metadata": meta,
         "export": {"targets": built["targets"], "opset": opts.opset,
                    "exporter": opts.exporter, "simplifier": opts.simplifier,
-                   "forms": {"pconv": opts.pconv, "mlp": opts.mlp, "resolved_by": forms_note or "given"}},
+                   "forms": {"pconv": opts.pconv, "mlp": opts.mlp, **forms}},
         "files": {},
         "onnx": built["onnx"],
         "targets": built["records"],
