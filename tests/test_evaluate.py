@@ -1,0 +1,168 @@
+"""runtime.evaluate on the trained digits model: the same top-1 as PyTorch, every file of an export in one table,
+and bad input as one line each."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import models
+from models import digits
+from runtime import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits.make_imagefolder()
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    from rich.console import Console
+
+    from export.pipeline import ExportOptions, run_export
+
+    out = tmp_path_factory.mktemp("digits-export")
+    manifest = run_export(ExportOptions(model=digits.MODEL, weights=str(digits.WEIGHTS),
+                                        targets=("ort", "mnn_fp32", "mnn_int8w"), out=str(out)),
+                          Console(file=open(os.devnull, "w")))
+    assert manifest["status"] == "passed"
+    return out / digits.MODEL / manifest["form_tag"]
+
+
+def run(capsys, *argv):
+    code = evaluate.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_same_top1_as_pytorch(data, export_dir, capsys):
+    """Every image of the val split: the ONNX file's top-1 class is PyTorch's, so the counts are equal."""
+    x, y, paths = digits.load_split(data / "val")
+    model = models.create_model(digits.MODEL, weights=str(digits.WEIGHTS)).eval()
+    torch_top1 = digits.predict(model, x)
+    code, out, _ = run(capsys, export_dir / "model.onnx", "--data", data / "val", "--json")
+    assert code == 0
+    (result,) = json.loads(out)["files"]
+    assert result["n"] == len(y)
+    assert result["correct1"] == int((torch_top1 == y).sum())
+    doc = evaluate.evaluate_classifiers([str(export_dir / "model.onnx")], evaluate.scan_imagefolder(str(data / "val")))
+    assert [doc["files"][0]["top1_index"][p] for p in paths] == torch_top1.tolist()
+
+
+def test_export_dir_table(data, export_dir, capsys):
+    code, out, _ = run(capsys, export_dir, "--data", data / "val", "--json")
+    assert code == 0
+    doc = json.loads(out)
+    files = [os.path.basename(r["file"]) for r in doc["files"]]
+    assert files == ["model.onnx", "model.int8w.mnn", "model.mnn"]
+    ref = doc["files"][0]
+    assert ref["delta_top1_points"] == 0 and ref["agreement"] == 1.0
+    for r in doc["files"]:
+        assert 0.9 < r["top1"] <= r["top5"] <= 1 and r["n"] == doc["n_images"]
+        assert r["delta_top1_points"] == pytest.approx((r["top1"] - ref["top1"]) * 100, abs=1e-3)
+    code, out, _ = run(capsys, export_dir, "--data", data / "val")
+    assert code == 0 and "Δ top-1 pts" in out and "model.int8w.mnn" in out
+
+
+def test_accuracy_and_confusion_from_known_predictions():
+    import numpy as np
+
+    top = np.array([[0, 1], [1, 0], [1, 2], [2, 1], [1, 0]])
+    labels = np.array([0, 1, 2, 2, 2])
+    acc = evaluate.accuracy(top, labels, {"zero": 0, "one": 1, "two": 2})
+    assert (acc["correct1"], acc["correct5"], acc["n"]) == (3, 4, 5)
+    assert acc["confused"][0] == {"true": 2, "predicted": 1, "count": 2, "true_name": "two", "predicted_name": "one"}
+
+
+def test_limit_takes_every_class(data, export_dir, capsys):
+    code, out, _ = run(capsys, export_dir / "model.onnx", "--data", data / "val", "--limit", 20, "--json")
+    assert code == 0 and json.loads(out)["files"][0]["n"] == 20
+    samples = evaluate.balanced_subset(evaluate.scan_imagefolder(str(data / "val")).samples, 20)
+    assert sorted(c for _, c in samples) == sorted(list(range(10)) * 2)
+
+
+def _tree(tmp_path, data, folders: dict[str, int]) -> str:
+    """A small ImageFolder: `n` val images of digit class `int(name)` (or i-th folder) per folder name."""
+    root = tmp_path / "tree"
+    for i, (name, n) in enumerate(folders.items()):
+        (root / name).mkdir(parents=True)
+        src = sorted((data / "val" / str(int(name) if name.isdigit() else i)).glob("*.png"))[:n]
+        for p in src:
+            shutil.copy(p, root / name / p.name)
+    return root
+
+
+def test_folder_names_sorted_order_and_labels_file(tmp_path, data, export_dir, capsys):
+    root = _tree(tmp_path, data, {"a_zero": 3, "b_one": 3, "c_two": 3})
+    assert evaluate.scan_imagefolder(str(root)).classes == {"a_zero": 0, "b_one": 1, "c_two": 2}
+    labels = tmp_path / "labels.txt"
+    labels.write_text("# folder index\na_zero 0\nb_one 1\nc_two 2\n")
+    code, out, _ = run(capsys, export_dir / "model.onnx", "--data", root, "--labels", labels, "--json")
+    assert code == 0 and json.loads(out)["files"][0]["correct1"] >= 8
+    labels.write_text("a_zero 5\nb_one 6\nc_two 7\n")  # wrong mapping: accuracy collapses, proving it is used
+    code, out, _ = run(capsys, export_dir / "model.onnx", "--data", root, "--labels", labels, "--json")
+    assert code == 0 and json.loads(out)["files"][0]["correct1"] == 0
+
+
+@pytest.mark.parametrize("case", ["no_images", "loose_images", "class_out_of_range", "labels_missing_folder",
+                                  "labels_bad_line", "not_a_dir", "yaml_for_classifier", "no_manifest"])
+def test_bad_input_one_line_exit_2(case, tmp_path, data, export_dir, capsys):
+    model = export_dir / "model.onnx"
+    root = tmp_path / "tree"
+    root.mkdir()
+    extra = []
+    if case == "no_images":
+        (root / "0").mkdir()
+        (root / "0" / "notes.txt").write_text("x")
+    elif case == "loose_images":
+        shutil.copy(next((data / "val" / "1").glob("*.png")), root / "a.png")
+    elif case == "class_out_of_range":
+        root = _tree(tmp_path / "r", data, {"3": 1, "12": 0})
+        (root / "12" / "x.png").write_bytes((next((data / "val" / "1").glob("*.png"))).read_bytes())
+    elif case in ("labels_missing_folder", "labels_bad_line"):
+        root = _tree(tmp_path / "r", data, {"a": 1, "b": 1})
+        (tmp_path / "l.txt").write_text("a 0\n" if case == "labels_missing_folder" else "a zero\n")
+        extra = ["--labels", tmp_path / "l.txt"]
+    elif case == "not_a_dir":
+        root = tmp_path / "missing"
+    elif case == "yaml_for_classifier":
+        root = tmp_path / "data.yaml"
+        root.write_text("path: .\n")
+    elif case == "no_manifest":
+        model = tmp_path
+        root = data / "val"
+    code, out, err = run(capsys, model, "--data", root, *extra)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_empty_class_folder_and_unreadable_images_are_counted_skips(tmp_path, data, export_dir, capsys):
+    root = _tree(tmp_path, data, {"0": 2, "1": 2, "2": 0})
+    (root / "1" / "broken.png").write_bytes(b"not a png")
+    code, out, err = run(capsys, export_dir / "model.onnx", "--data", root, "--json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["n_images"] == 5 and doc["files"][0]["n"] == 4
+    skipped = {os.path.basename(s["image"]) for s in doc["skipped"]}
+    assert skipped == {"2", "broken.png"}
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("skipped: ") for line in lines)
+
+
+def test_runs_without_torch(data, export_dir):
+    """The board has no torch: runtime.evaluate must not import it (nor onnx, models, export)."""
+    code = ("import sys\n"
+            "for m in ('torch', 'onnx', 'models', 'export'): sys.modules[m] = None\n"
+            "from runtime.evaluate import main\n"
+            f"sys.exit(main([{str(export_dir)!r}, '--data', {str(data / 'val')!r}, '--limit', '10']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr
+    assert "model.mnn" in proc.stdout
