@@ -346,6 +346,42 @@ def public(doc: dict) -> dict:
     return {**doc, "files": [{k: v for k, v in r.items() if k != "top1_index"} for r in doc["files"]]}
 
 
+def evaluate_detectors(model_paths: list[str], data_arg: str, split: str = "val", limit: int | None = None,
+                       progress: bool = False, threads: int = 1) -> dict:
+    """Every detector file on a YOLO data set (runtime.map_eval): mAP50, mAP50-95 and Δ mAP50-95 in points
+    against model.onnx."""
+    from .map_eval import evaluate_detector, load_yolo
+
+    data = load_yolo(data_arg, split, limit)
+    results = []
+    for path in model_paths:
+        bar = Progress(os.path.basename(path), len(data.images)) if progress else None
+        results.append(evaluate_detector(path, data, bar.update if bar else None, threads))
+        if bar:
+            bar.close()
+    ref = next((r for r in results if os.path.basename(r["file"]) == REFERENCE), None)
+    for r in results:
+        if ref is not None and r["map50_95"] is not None and ref["map50_95"] is not None:
+            r["delta_map50_95_points"] = round((r["map50_95"] - ref["map50_95"]) * 100, 4)
+    return {"data": data.yaml, "split": split, "n_images": len(data.images) + len(data.skipped),
+            "classes": len(data.names), "skipped": [{"image": p, "error": e} for p, e in data.skipped],
+            "files": results}
+
+
+def format_detection(doc: dict) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    has_ref = any("delta_map50_95_points" in r for r in doc["files"])
+    header = ["file", "backend", "images", "objects", "mAP50 %", "mAP50-95 %"] + (["Δ mAP50-95 pts"] * has_ref)
+    rows = [[os.path.basename(r["file"]), r["backend"], r["n"], r["objects"], pct(r["map50"]), pct(r["map50_95"])]
+            + ([f"{r['delta_map50_95_points']:+.2f}" if "delta_map50_95_points" in r else "-"] * has_ref)
+            for r in doc["files"]]
+    lines = [f"{doc['data']} ({doc['split']}): {doc['n_images']} images, {doc['classes']} classes"
+             + (f", {len(doc['skipped'])} skipped" if doc["skipped"] else "")]
+    return "\n".join(lines + text_table(header, rows, "llrrrr" + "r" * has_ref))
+
+
 # ---- command line
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(
@@ -389,8 +425,6 @@ def main(argv=None) -> int:
     try:
         paths = _model_paths(args.model)
         if _task(paths[0]) == "detection":
-            from .map_eval import evaluate_detectors, format_detection
-
             doc = evaluate_detectors(paths, args.data, args.split, args.limit, progress=not args.json,
                                      threads=args.threads)
             formatted = format_detection
