@@ -1,5 +1,7 @@
 """runtime.evaluate on the trained digits model: the same top-1 as PyTorch, every file of an export in one table,
-and bad input as one line each."""
+and bad input as one line each; and int8 judged by accuracy (export.accuracy, `python -m export --val DIR`): every
+file's top-1 in the manifest and report, an int8 file that loses more than the threshold dropped (optional) or
+failing the export (required)."""
 from __future__ import annotations
 
 import json
@@ -8,9 +10,14 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import models
+from export import accuracy
+from export.__main__ import main as export_main
 from models import digits
 from runtime import evaluate
 
@@ -23,14 +30,15 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
+def export_dir(tmp_path_factory, data):
     from rich.console import Console
 
     from export.pipeline import ExportOptions, run_export
 
     out = tmp_path_factory.mktemp("digits-export")
     manifest = run_export(ExportOptions(model=digits.MODEL, weights=str(digits.WEIGHTS),
-                                        targets=("ort", "mnn_fp32", "mnn_int8w"), out=str(out)),
+                                        targets=("ort", "mnn_fp32", "mnn_int8w"), out=str(out),
+                                        val=str(data / "val")),
                           Console(file=open(os.devnull, "w")))
     assert manifest["status"] == "passed"
     return out / digits.MODEL / manifest["form_tag"]
@@ -166,3 +174,86 @@ def test_runs_without_torch(data, export_dir):
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert proc.returncode == 0, proc.stderr
     assert "model.mnn" in proc.stdout
+
+
+# ---- export --val (export.accuracy)
+def test_manifest_and_report_show_every_files_accuracy(export_dir):
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    record = manifest["accuracy"]
+    assert record["measured"] and record["n_images"] == 359
+    assert set(record["files"]) == {"model.onnx", "model.mnn", "model.int8w.mnn"}
+    assert record["files"]["model.int8w.mnn"]["targets"] == ["mnn_int8w"]
+    assert not record["breaches"] and not record["dropped"] and manifest["status"] == "passed"
+    report = (export_dir / "report.md").read_text()
+    assert "## Accuracy on labelled images" in report and "`model.int8w.mnn` | mnn_int8w |" in report
+
+
+def _noisy_copy(src, dst, scale):
+    """model.onnx with Gaussian noise of `scale` × each weight tensor's std added: a file that computes a worse
+    model (a stand-in for a bad int8 quantisation)."""
+    model = onnx.load(str(src))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size > 16:
+            init.CopyFrom(numpy_helper.from_array((w + rng.normal(0, scale * w.std(), w.shape)).astype(np.float32),
+                                                  init.name))
+    onnx.save(model, str(dst))
+
+
+@pytest.fixture
+def build(export_dir, tmp_path):
+    d = tmp_path / "build"
+    shutil.copytree(export_dir, d)
+    return d
+
+
+@pytest.mark.parametrize("optional", [True, False])
+def test_an_int8_file_losing_accuracy_is_dropped_or_fails(build, data, optional):
+    _noisy_copy(build / "model.onnx", build / "model.int8.onnx", scale=1.0)
+    built = {"targets": ["ort", "mnn_fp32", "ort_int8"], "records": {}}
+    notes = []
+    record = accuracy.judge_accuracy(str(data / "val"), build, built, {"ort_int8"} if optional else set(),
+                                     notes.append)
+    loss = -record["files"]["model.int8.onnx"]["delta_top1_points"]
+    assert loss > accuracy.INT8_MAX_TOP1_LOSS_POINTS
+    if optional:
+        assert record["dropped"] == ["ort_int8"] and not record["breaches"]
+        assert built["targets"] == ["ort", "mnn_fp32"] and not (build / "model.int8.onnx").exists()
+        assert "top-1" in built["records"]["ort_int8"]["not_shipped"]
+    else:
+        assert record["breaches"] and "ort_int8" in record["breaches"][0]
+        assert "ort_int8" in built["targets"] and (build / "model.int8.onnx").exists()
+    assert len(notes) == 1
+
+
+def test_an_int8_file_within_the_threshold_ships(build, data):
+    _noisy_copy(build / "model.onnx", build / "model.int8.onnx", scale=0.01)
+    built = {"targets": ["ort", "ort_int8"], "records": {}}
+    record = accuracy.judge_accuracy(str(data / "val"), build, built, {"ort_int8"})
+    assert -record["files"]["model.int8.onnx"]["delta_top1_points"] <= accuracy.INT8_MAX_TOP1_LOSS_POINTS
+    assert built["targets"] == ["ort", "ort_int8"] and not record["dropped"] and not record["breaches"]
+
+
+def test_int8_targets_are_those_with_int8_weights_or_arithmetic():
+    from export import targets
+
+    assert [t.name for t in targets.ARTIFACTS if accuracy.is_int8(t)] == ["mnn_int8w", "ort_int8", "mnn_int8"]
+
+
+def test_without_val_the_report_says_not_measured(build):
+    record = accuracy.judge_accuracy(None, build, {"targets": ["ort"], "records": {}})
+    assert record["measured"] is False and "not measured" in accuracy.accuracy_markdown(record)
+
+
+@pytest.mark.parametrize("val", ["missing", "flat"])
+def test_bad_val_dir_is_one_line_exit_2_before_any_work(tmp_path, capsys, val):
+    root = tmp_path / val
+    if val == "flat":
+        root.mkdir()
+        (root / "a.png").write_bytes(b"")
+    code = export_main([digits.MODEL, "--weights", str(digits.WEIGHTS), "--val", str(root),
+                        "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("export: error: --val") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
