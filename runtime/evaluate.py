@@ -334,8 +334,8 @@ def format_classification(doc: dict) -> str:
     lines = [f"{doc['data']}: {doc['n_images']} images, {doc['classes']} classes"
              + (f", {len(doc['skipped'])} skipped" if doc["skipped"] else "")]
     lines += text_table(header, rows, "llrrr" + "rr" * has_ref)
-    for r in files:
-        if r["confused"]:
+    for r in files:  # the first file's pairs, then only files whose pairs differ from them
+        if r["confused"] and (r is files[0] or r["confused"] != files[0]["confused"]):
             pairs = ", ".join(f"{c['true_name']}→{c['predicted_name']} ×{c['count']}" for c in r["confused"])
             lines.append(f"most confused ({os.path.basename(r['file'])}, true→predicted): {pairs}")
     return "\n".join(lines)
