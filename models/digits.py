@@ -15,6 +15,7 @@ they are regenerated from sklearn, byte for byte, by `make_imagefolder`.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from pathlib import Path
@@ -78,11 +79,9 @@ def make_imagefolder(cache: str | os.PathLike = DEFAULT_CACHE) -> Path:
         for i in indices:
             folder = cache / split / str(int(digits.target[i]))
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{int(i):04d}.png"
-            img = digit_image(digits.data[i])
-            tmp = folder / f".{path.name}.tmp"
-            img.save(tmp, format="PNG")
-            os.replace(tmp, path)
+            png = io.BytesIO()
+            digit_image(digits.data[i]).save(png, format="PNG")
+            write_atomic(folder / f"{int(i):04d}.png", png.getvalue())  # concurrent test runs may share the cache
     write_atomic(cache / DONE, f"{len(train)} train, {len(val)} val\n")
     return cache
 

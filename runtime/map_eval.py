@@ -69,7 +69,7 @@ def read_data_yaml(path: str) -> tuple[dict, str]:
     if not os.path.isabs(root):
         root = next((r for r in (os.path.join(here, root), os.path.abspath(root)) if os.path.isdir(r)),
                     os.path.join(here, root))
-    return {**doc, "yaml_file": path}, root
+    return {**doc, "yaml_file": path}, os.path.normpath(root)
 
 
 def class_names(doc: dict) -> list[str]:
@@ -96,13 +96,13 @@ def split_images(doc: dict, root: str, split: str) -> list[str]:
         raise EdgeRuntimeError(f"{doc['yaml_file']}: no '{split}' split; choose one with --split")
     images = []
     for item in entry if isinstance(entry, list) else [entry]:
-        item = os.path.join(root, str(item))
+        item = os.path.normpath(os.path.join(root, str(item)))
         if os.path.isdir(item):
             for folder, _, files in os.walk(item):
                 images += [os.path.join(folder, n) for n in files if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]
         elif os.path.isfile(item) and item.endswith(".txt"):
             with open(item, encoding="utf-8") as f:
-                images += [os.path.join(root, line.strip()) for line in f if line.strip()]
+                images += [os.path.normpath(os.path.join(root, line.strip())) for line in f if line.strip()]
         else:
             raise EdgeRuntimeError(f"{doc['yaml_file']}: {split} split {item} is neither a folder nor a .txt list")
     if not images:
