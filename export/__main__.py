@@ -146,10 +146,10 @@ def _main(argv) -> int:
 
     opts = ExportOptions(model=args.model, weights=args.weights, img_size=args.img_size,
                          batch=args.batch, dynamic_batch=args.dynamic_batch, pconv=args.pconv, mlp=args.mlp,
-                         targets=args.targets, calib=args.calib, int8_mnn=args.int8_mnn, opset=args.opset,
+                         targets=args.targets, calib=args.calib, val=args.val, int8_mnn=args.int8_mnn, opset=args.opset,
                          exporter=args.exporter, simplifier=args.simplifier,
                          features_only=args.features_only, out=args.out, parity=args.parity, seed=args.seed,
-                         verbose=args.verbose, val=args.val)
+                         verbose=args.verbose)
     try:
         manifest = run_export(opts)
     except EdgeportError as e:

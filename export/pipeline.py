@@ -46,6 +46,7 @@ class ExportOptions:
     mlp: str = "auto"
     targets: tuple[str, ...] | None = None  # None: the model's defaults (export.targets.default_targets)
     calib: str | None = None
+    val: str | None = None  # labelled ImageFolder: every file's top-1, int8 judged by it (export.accuracy)
     int8_mnn: str = "auto"
     opset: int = onnx_export.DEFAULT_OPSET
     exporter: str = "legacy"
@@ -56,7 +57,6 @@ class ExportOptions:
     seed: int = 0
     verbose: bool = False
     gates: dict | None = None
-    val: str | None = None  # labelled ImageFolder: every file's top-1, int8 judged by it (export.accuracy)
 
 
 
@@ -251,21 +251,6 @@ def _ignored_options(opts: ExportOptions, meta: dict) -> list[str]:
             if given != "auto" and meta[key] is None]
 
 
-def _accuracy(opts, build, built, optional, steps: Steps) -> dict:
-    """Every shipped file's top-1 on --val; optional int8 targets over the gate are dropped (export.accuracy)."""
-    from .accuracy import judge_accuracy
-
-    if opts.val is None:
-        steps.note("[dim]accuracy not measured (no --val DIR)[/dim]")
-        return judge_accuracy(None, build, built)
-    with steps.step("accuracy on --val"):
-        record = judge_accuracy(opts.val, build, built, optional, steps.note)
-    for name, f in record["files"].items():
-        steps.note(f"{name:<18} top-1 {100 * f['top1']:6.2f} % ({f['correct1']}/{f['n']})  "
-                   f"Δ {f['delta_top1_points']:+.2f} pts vs model.onnx")
-    return record
-
-
 def _parity(opts, build, reference, inference, meta, steps: Steps, log) -> dict:
     if not opts.parity:
         steps.note("[yellow]parity gate skipped (--no-parity)[/yellow]")
@@ -279,3 +264,18 @@ def _parity(opts, build, reference, inference, meta, steps: Steps, log) -> dict:
     for breach in result.get("breaches", []):
         steps.note(f"[red]breach:[/red] {breach}")
     return {"status": "passed" if result["passed"] else "failed", **result}
+
+
+def _accuracy(opts, build, built, optional, steps: Steps) -> dict:
+    """Every shipped file's top-1 on --val; optional int8 targets over the gate are dropped (export.accuracy)."""
+    from .accuracy import judge_accuracy
+
+    if opts.val is None:
+        steps.note("[dim]accuracy not measured (no --val DIR)[/dim]")
+        return judge_accuracy(None, build, built)
+    with steps.step("accuracy on --val"):
+        record = judge_accuracy(opts.val, build, built, optional, steps.note)
+    for name, f in record["files"].items():
+        steps.note(f"{name:<18} top-1 {100 * f['top1']:6.2f} % ({f['correct1']}/{f['n']})  "
+                   f"Δ {f['delta_top1_points']:+.2f} pts vs model.onnx")
+    return record

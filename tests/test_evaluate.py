@@ -257,3 +257,22 @@ def test_bad_val_dir_is_one_line_exit_2_before_any_work(tmp_path, capsys, val):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("export: error: --val") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_int8_files_of_the_trained_model_keep_its_accuracy(data, tmp_path):
+    """The documented export (docs/guides/accuracy.md): every target, int8 calibrated on the training split; each
+    int8 file is measured on the val split and loses at most the threshold (the int8 quantisers take minutes)."""
+    from rich.console import Console
+
+    from export.pipeline import ExportOptions, run_export
+
+    manifest = run_export(ExportOptions(
+        model=digits.MODEL, weights=str(digits.WEIGHTS), out=str(tmp_path), calib=str(data / "train"),
+        val=str(data / "val"), targets=("ort", "mnn_fp32", "mnn_fp16w", "mnn_int8w", "ort_int8", "mnn_int8")),
+        Console(file=open(os.devnull, "w")))
+    files = manifest["accuracy"]["files"]
+    assert {"model.int8.onnx", "model.int8.mnn", "model.int8w.mnn"} <= set(files)
+    for name in ("model.int8.onnx", "model.int8.mnn", "model.int8w.mnn"):
+        assert -files[name]["delta_top1_points"] <= accuracy.INT8_MAX_TOP1_LOSS_POINTS, (name, files[name])
+    assert not manifest["accuracy"]["breaches"]
