@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cli import IMAGE_EXTENSIONS, OneLineParser, cli_main, int_in
+from .engines import stdout_silenced
 from .errors import EdgeRuntimeError
 from .images import load_image
 from .preprocess import preprocess
@@ -234,13 +235,15 @@ def accuracy(top: np.ndarray, labels: np.ndarray, classes: dict[str, int] | None
 
 
 def evaluate_classifier(model_path: str, data: ImageFolder, cache: InputCache | None = None,
-                        progress: bool = False, threads: int = 1) -> dict:
+                        progress: bool = False, threads: int = 1, precision: str = "fp32") -> dict:
     """One classifier file on `data`: accuracy(...) plus "file", "backend" and "top1_index" (each evaluated
     image's top-1 class, for agreement between files)."""
     from .predictor import load
 
     cache = cache or InputCache()
-    predictor = load(model_path, threads=threads)
+    mnn = model_path.lower().endswith(".mnn")  # "low" is MNN's; onnxruntime runs a file as exported
+    with stdout_silenced():  # MNN prints "MNN use low precision" when it makes a low-precision runtime
+        predictor = load(model_path, threads=threads, precision=precision if mnn else "fp32")
     predictor.require_metadata()
     task = predictor.meta.get("task", "classification")
     if task != "classification":
@@ -293,14 +296,14 @@ def compare_with_reference(results: list[dict]) -> None:
 
 
 def evaluate_classifiers(model_paths: list[str], data: ImageFolder, progress: bool = False,
-                         threads: int = 1) -> dict:
+                         threads: int = 1, precision: str = "fp32") -> dict:
     """Every file on the same images: {"data", "n_images", "skipped": [{"image", "error"}], "files": [...]}."""
     cache = InputCache()
-    results = [evaluate_classifier(p, data, cache, progress, threads) for p in model_paths]
+    results = [evaluate_classifier(p, data, cache, progress, threads, precision) for p in model_paths]
     compare_with_reference(results)
     skipped = [{"image": p, "error": e} for p, e in data.skipped] + [
         {"image": p, "error": e} for p, e in cache.unreadable.items()]
-    return {"data": data.root, "n_images": len(data.samples), "classes": len(data.classes),
+    return {"data": data.root, "n_images": len(data.samples), "classes": len(data.classes), "precision": precision,
             "skipped": skipped, "files": results}
 
 
@@ -332,7 +335,8 @@ def format_classification(doc: dict) -> str:
             row += [f"{r['delta_top1_points']:+.2f}", _pct(r["agreement"]) if r["agreement"] is not None else "-"]
         rows.append(row)
     lines = [f"{doc['data']}: {doc['n_images']} images, {doc['classes']} classes"
-             + (f", {len(doc['skipped'])} skipped" if doc["skipped"] else "")]
+             + (f", {len(doc['skipped'])} skipped" if doc["skipped"] else "")
+             + (", MNN precision low" if doc.get("precision") == "low" else "")]
     lines += text_table(header, rows, "llrrr" + "rr" * has_ref)
     for r in files:  # the first file's pairs, then only files whose pairs differ from them
         if r["confused"] and (r is files[0] or r["confused"] != files[0]["confused"]):
@@ -400,6 +404,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int_in(1), metavar="N",
                    help="evaluate N images at most (classifier: each class in turn, so every class is present)")
     p.add_argument("--threads", type=int_in(1), default=1, help="intra-op CPU threads (default: 1)")
+    p.add_argument("--precision", choices=("fp32", "low"), default="fp32",
+                   help="classifier, MNN files: fp32 arithmetic, or low = fp16/bf16 where the CPU has it (ARMv8.2+; "
+                        "fp32 on x86), as runtime.infer --precision")
     p.add_argument("--json", action="store_true", help="print one JSON document (accuracies as fractions)")
     return p.parse_args(argv)
 
@@ -434,7 +441,8 @@ def main(argv=None) -> int:
                                        "ImageFolder tree")
             data = scan_imagefolder(args.data, args.labels)
             data.samples = balanced_subset(data.samples, args.limit)
-            doc = evaluate_classifiers(paths, data, progress=not args.json, threads=args.threads)
+            doc = evaluate_classifiers(paths, data, progress=not args.json, threads=args.threads,
+                                       precision=args.precision)
             formatted = format_classification
     except EdgeRuntimeError as e:
         print(f"error: {e}", file=sys.stderr)

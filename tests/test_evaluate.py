@@ -79,6 +79,16 @@ def test_export_dir_table(data, export_dir, capsys):
     assert code == 0 and "Δ top-1 pts" in out and "model.int8w.mnn" in out
 
 
+def test_precision_low_keeps_stdout_clean(data, export_dir, capfd):
+    """MNN prints a line to fd 1 when it makes a low-precision runtime: --json output must stay one document."""
+    code = evaluate.main([str(export_dir), "--data", str(data / "val"), "--limit", "10", "--precision", "low",
+                          "--json"])
+    out, _ = capfd.readouterr()
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["precision"] == "low" and {os.path.basename(r["file"]) for r in doc["files"]} >= {"model.mnn"}
+
+
 def test_accuracy_and_confusion_from_known_predictions():
     import numpy as np
 
