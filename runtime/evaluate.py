@@ -300,6 +300,9 @@ def evaluate_classifiers(model_paths: list[str], data: ImageFolder, progress: bo
     """Every file on the same images: {"data", "n_images", "skipped": [{"image", "error"}], "files": [...]}."""
     cache = InputCache()
     results = [evaluate_classifier(p, data, cache, progress, threads, precision) for p in model_paths]
+    if not results[0]["n"] and cache.unreadable:
+        first = next(iter(cache.unreadable.values()))
+        raise EdgeRuntimeError(f"{data.root}: none of its {len(data.samples)} images could be read (first: {first})")
     compare_with_reference(results)
     skipped = [{"image": p, "error": e} for p, e in data.skipped] + [
         {"image": p, "error": e} for p, e in cache.unreadable.items()]
@@ -432,6 +435,8 @@ def main(argv=None) -> int:
     try:
         paths = _model_paths(args.model)
         if _task(paths[0]) == "detection":
+            if args.labels:
+                raise EdgeRuntimeError("--labels is for classifiers; a detector's class names come from data.yaml")
             doc = evaluate_detectors(paths, args.data, args.split, args.limit, progress=not args.json,
                                      threads=args.threads)
             formatted = format_detection

@@ -130,7 +130,8 @@ def test_folder_names_sorted_order_and_labels_file(tmp_path, data, export_dir, c
 
 
 @pytest.mark.parametrize("case", ["no_images", "loose_images", "class_out_of_range", "labels_missing_folder",
-                                  "labels_bad_line", "not_a_dir", "yaml_for_classifier", "no_manifest"])
+                                  "labels_bad_line", "not_a_dir", "yaml_for_classifier", "no_manifest",
+                                  "all_unreadable"])
 def test_bad_input_one_line_exit_2(case, tmp_path, data, export_dir, capsys):
     model = export_dir / "model.onnx"
     root = tmp_path / "tree"
@@ -153,6 +154,9 @@ def test_bad_input_one_line_exit_2(case, tmp_path, data, export_dir, capsys):
     elif case == "yaml_for_classifier":
         root = tmp_path / "data.yaml"
         root.write_text("path: .\n")
+    elif case == "all_unreadable":
+        (root / "0").mkdir()
+        (root / "0" / "a.png").write_bytes(b"not a png")
     elif case == "no_manifest":
         model = tmp_path
         root = data / "val"
