@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DIR",
                    help="int8 targets: calibrate on these images (recursively; 300+ like the deployment's "
                         "recommended; default: the bundled sample photos, augmented, which is weaker)")
+    p.add_argument("--val", metavar="DIR",
+                   help="labelled images (ImageFolder: one sub-folder per class, named by class index or sorted): "
+                        "every file's top-1 is measured on them, and an int8 target ships only if it loses at most "
+                        "1.0 point against model.onnx (without it, accuracy is not measured)")
     p.add_argument("--int8-mnn", default="auto", choices=quantize.MNN_METHODS,
                    help="mnn_int8: MNN's activation-scale method (default auto: " + ", then ".join(
                        quantize.MNN_AUTO_ORDER) + " when the first crashes or misses the gates; the better is kept)")
@@ -152,7 +156,7 @@ def _main(argv) -> int:
 
     opts = ExportOptions(model=args.model, weights=args.weights, img_size=args.img_size,
                          batch=args.batch, dynamic_batch=args.dynamic_batch, pconv=args.pconv, mlp=args.mlp,
-                         targets=args.targets, calib=args.calib, int8_mnn=args.int8_mnn, opset=args.opset,
+                         targets=args.targets, calib=args.calib, val=args.val, int8_mnn=args.int8_mnn, opset=args.opset,
                          exporter=args.exporter, simplifier=args.simplifier,
                          features_only=args.features_only, out=args.out, parity=args.parity, seed=args.seed,
                          verbose=args.verbose, device=args.device, allow_emulated=args.allow_emulated)

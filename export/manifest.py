@@ -134,6 +134,10 @@ def render_report(manifest: dict, parity_markdown: str | None = None) -> str:
         lines.append(parity_markdown or "")
         if parity.get("breaches"):
             lines += ["", "Breaches:", ""] + [f"- {b}" for b in parity["breaches"]]
+    if manifest.get("accuracy"):
+        from .accuracy import accuracy_markdown
+
+        lines += ["", "## Accuracy on labelled images", "", accuracy_markdown(manifest["accuracy"])]
     lines += ["", "## Timings", ""]
     lines += markdown_table(["step", "seconds"], [[k, f"{v:.2f}"] for k, v in manifest["timings_s"].items()]
                             + [["**total**", f"{manifest['total_s']:.2f}"]], "lr")

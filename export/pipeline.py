@@ -46,6 +46,7 @@ class ExportOptions:
     mlp: str = "auto"
     targets: tuple[str, ...] | None = None  # None: the model's defaults (export.targets.default_targets)
     calib: str | None = None
+    val: str | None = None  # labelled ImageFolder: every file's top-1, int8 judged by it (export.accuracy)
     int8_mnn: str = "auto"
     opset: int = onnx_export.DEFAULT_OPSET
     exporter: str = "legacy"
@@ -170,6 +171,12 @@ def _check_options(opts: ExportOptions) -> None:
         if not any(targets.get(t).compute == "int8" for t in chosen):
             raise EdgeportError("--calib is only used by int8 targets; add --targets ...,ort_int8,mnn_int8 or drop it")
         image_files(opts.calib)  # a missing, empty or image-free directory fails here, before any work
+    if opts.val is not None:
+        import models
+
+        from .accuracy import check_val
+
+        check_val(opts.val, task_of(models.get_cfg(opts.model).extra, opts.features_only))
     if opts.int8_mnn not in MNN_METHODS:
         raise EdgeportError(f"unknown --int8-mnn {opts.int8_mnn}; use one of {', '.join(MNN_METHODS)}")
     if opts.pconv not in ("auto", *PCONV_FORMS):
@@ -262,6 +269,9 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
         console.print(f"  [yellow]warning:[/yellow] {w}")
 
     parity = _parity(opts, build, reference, inference, meta, steps, build / LOG)
+    accuracy = _accuracy(opts, build, built, optional, steps)
+    if accuracy.get("breaches"):
+        parity = {**parity, "status": "failed", "breaches": [*parity.get("breaches", []), *accuracy["breaches"]]}
     if "ort" not in built["targets"]:
         (build / "model.onnx").unlink()
 
@@ -280,6 +290,7 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
         "onnx": built["onnx"],
         "targets": built["records"],
         "parity": {k: v for k, v in parity.items() if k != "markdown"},
+        "accuracy": accuracy,
         "tools": tool_versions(),
         "timings_s": steps.timings,
         "total_s": 0.0,
@@ -322,3 +333,18 @@ def _parity(opts, build, reference, inference, meta, steps: Steps, log) -> dict:
     for breach in result.get("breaches", []):
         steps.note(f"[red]breach:[/red] {breach}")
     return {"status": "passed" if result["passed"] else "failed", **result}
+
+
+def _accuracy(opts, build, built, optional, steps: Steps) -> dict:
+    """Every shipped file's top-1 on --val; optional int8 targets over the gate are dropped (export.accuracy)."""
+    from .accuracy import judge_accuracy
+
+    if opts.val is None:
+        steps.note("[dim]accuracy not measured (no --val DIR)[/dim]")
+        return judge_accuracy(None, build, built)
+    with steps.step("accuracy on --val"):
+        record = judge_accuracy(opts.val, build, built, optional, steps.note)
+    for name, f in record["files"].items():
+        steps.note(f"{name:<18} top-1 {100 * f['top1']:6.2f} % ({f['correct1']}/{f['n']})  "
+                   f"Δ {f['delta_top1_points']:+.2f} pts vs model.onnx")
+    return record

@@ -228,3 +228,15 @@ def fasternet_m(features_only=False, **kwargs):
 def fasternet_l(features_only=False, **kwargs):
     arch = dict(embed_dim=192, depths=(3, 4, 18, 3), act=nn.ReLU, drop_path_rate=0.3)
     return _fasternet(features_only, arch, kwargs)
+
+
+# A narrow FasterNet for 32×32 inputs, trained on scikit-learn's digits by models.digits (the test suite's trained
+# model: its checkpoint is models/weights/fasternet_digits.safetensors). Images are 32×32 already: crop_pct 1.0
+# keeps them whole (the resize is the identity); dark ink on white, so mean/std are those of the digits' pixels.
+@register_model(ModelCfg(input_size=(3, 32, 32), mean=(0.8, 0.8, 0.8), std=(0.35, 0.35, 0.35), crop_pct=1.0,
+                         interpolation="bicubic", num_classes=10, family="fasternet",
+                         extra={"trained_on": "sklearn digits (models.digits)"}))
+def fasternet_digits(features_only=False, **kwargs):
+    arch = dict(embed_dim=8, depths=(1, 1, 2, 1), feature_dim=128, act=nn.GELU, drop_path_rate=0.0,
+                num_classes=10)
+    return _fasternet(features_only, arch, kwargs)
