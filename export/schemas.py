@@ -69,6 +69,12 @@ class ManifestStatus(msgspec.Struct):
     status: Status | None = None
 
 
+class ManifestTargets(msgspec.Struct):
+    """What export.parity.manifest_targets reads (which targets were shipped), also of a partial manifest."""
+    export: ExportRecord = msgspec.field(default_factory=ExportRecord)
+    files: dict[FileName, FileEntry] = {}
+
+
 class ParityReport(ParityRecord):
     """parity.json as export.parity writes it."""
     results: dict[str, dict[str, Any]] = {}

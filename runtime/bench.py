@@ -60,7 +60,7 @@ LOW_ENGINES = {"mnn"}  # engines with a precision="low" (fp16 arithmetic) mode
 
 # ---- the bundle contract (written by `python -m export MODEL --bundle`) -------------------------------------
 class BundleFile(msgspec.Struct):
-    file: str            # relative to the bundle's model directory, e.g. "split_cat-fc/model.mnn"
+    file: str            # relative to the bundle's model directory: "<form tag>/<file name>"
     sha256: str
     engine: str          # the target's engine (runtime backend)
     precision: str       # fp32 | low

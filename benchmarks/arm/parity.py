@@ -88,9 +88,9 @@ def mnn_targets(d: Path, names=None) -> list:
     """The MNN targets whose file is in `d`: those named, if `names`; else those its manifest says were exported
     (a detector's default export leaves out targets that share a file with one it ships); else every one."""
     if names is None and (d / "manifest.json").is_file():
-        from export.schemas import read_manifest
+        from export.schemas import ManifestTargets, read_manifest
 
-        names = manifest_targets(read_manifest(d))
+        names = manifest_targets(read_manifest(d, ManifestTargets))
     found = [t for t in targets.ARTIFACTS if t.engine == "mnn" and (d / t.file).is_file()]
     return [t for t in found if names is None or t.name in names]
 
