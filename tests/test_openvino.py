@@ -210,8 +210,8 @@ def _can_unshare_network() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the gate
-def _parity(directory, net, names=("ort", "openvino")):
-    return parity.run_parity(directory, net, net, META, n_images=8, bisect=False, write=False,
+def _parity(directory, net, names=("ort", "openvino"), bisect=False):
+    return parity.run_parity(directory, net, net, META, n_images=8, bisect=bisect, bisect_budget=60, write=False,
                              target_names=list(names))
 
 
@@ -237,11 +237,13 @@ def test_openvino_target_fails_on_a_perturbed_file(exported, tmp_path):
 
 
 def test_openvino_target_catches_the_plugins_bf16_default(exported, monkeypatch):
-    """Without the f32 hint, OpenVINO's CPU plugin computes in bf16 where the CPU has it: far outside the gate."""
+    """Without the f32 hint, OpenVINO's CPU plugin computes in bf16 where the CPU has it: far outside the gate,
+    and bisection (OpenVINO on the probe graph, configured as the runtime) names the first layer."""
     from runtime.engines import import_openvino
 
     if "BF16" not in import_openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU has no bf16: the plugin's default is f32 here")
+    import export.bisect as bisect
     import runtime.engines as engines
 
     real = engines.openvino_config
@@ -250,9 +252,12 @@ def test_openvino_target_catches_the_plugins_bf16_default(exported, monkeypatch)
         return {**real(core, threads, precision), "INFERENCE_PRECISION_HINT": "bf16"}
 
     monkeypatch.setattr(engines, "openvino_config", plugin_default)
-    r = _parity(exported.dir, exported.net, ["openvino"])
+    monkeypatch.setattr(bisect, "openvino_config", plugin_default)
+    r = _parity(exported.dir, exported.net, ["ort", "openvino"], bisect=True)
     assert not r["passed"]
-    assert any(b.startswith("openvino: max_rel") for b in r["breaches"]), r["breaches"]
+    assert [b.split(":")[0] for b in r["breaches"]] == ["openvino"], r["breaches"]
+    hit = r["bisection"]["openvino"]
+    assert hit["found"] and hit["op_type"] == "Conv" and hit["max_rel"] > ORT_GATE["max_rel"], hit
 
 
 def test_engine_class_is_registered():
