@@ -3,7 +3,7 @@ form), int8 against fp32 and fp16, the FasterNet paper's operator table, the SGE
 writes results.json, report.md, PNG plots and recommendation.json.
 
   python -m benchmarks [--models ...] [--detectors ...] [--precision-models ...] [--iters N] [--threads 1,all]
-                       [--engines torch,ort,mnn,openvino] [--quick] [--out DIR]
+                       [--engines torch,ort,mnn] [--quick] [--out DIR]
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default 10; 0 = no limit)")
     p.add_argument("--img", type=int, help="input size (default: each model's own; --quick 64)")
     p.add_argument("--detectors", nargs="+", default=list(DEFAULT_DETECTORS),
-                   help="detectors timed per backbone form at 1 thread, ONNX Runtime, MNN and OpenVINO, beside plain "
+                   help="detectors timed per backbone form at 1 thread, ONNX Runtime and MNN, beside plain "
                         f"yolo11n; 'none' to skip (default: {' '.join(DEFAULT_DETECTORS)})")
     p.add_argument("--det-img", type=int, help="detector input size (default 640; --quick 128)")
     p.add_argument("--precision-models", nargs="+",
