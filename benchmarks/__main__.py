@@ -23,7 +23,7 @@ DEFAULT_MODELS = ("fasternet_t0", "convnext_atto", "inception_next_atto", "effic
 QUICK_OP_SHAPES = ((32, 16),)
 DEFAULT_DETECTORS = ("yolo11n_fasternet_t0", "yolo11n_inception_next_atto")
 DETECTOR_REFERENCES = ("yolo11n",)  # plain YOLO11n (its own backbone): timed in the detectors' rounds
-DETECTOR_ENGINES = ("ort", "mnn")
+DETECTOR_ENGINES = ("ort", "mnn", "openvino")
 # A detector round is ~11 forms × 0.1–0.3 s: the per-group budget is this many times the classifiers'.
 DETECTOR_BUDGET_FACTOR = 3
 
@@ -41,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, help="interleaved timed rounds (default 20; --quick 2)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 3; --quick 1)")
     p.add_argument("--threads", default="1,all", help="thread counts, 'all' = every CPU (default 1,all)")
-    p.add_argument("--engines", default="torch,ort,mnn", help="subset of torch,ort,mnn (default all three)")
+    p.add_argument("--engines", default="torch,ort,mnn,openvino",
+                   help="subset of torch,ort,mnn,openvino (default all four); ort, mnn and openvino run in the same "
+                        "interleaved rounds, so every form has a paired ratio to ONNX Runtime")
     p.add_argument("--forms", help="only these form tags, e.g. split_cat-conv,fc (the baseline always runs)")
     p.add_argument("--budget", type=float, default=10.0,
                    help="seconds per (model, engine, threads) group; past it, stop after 3 rounds "
@@ -55,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="models whose fp32 / fp16 / int8 files are timed against each other at 1 thread "
                         "(default: --models; 'none' to skip)")
     p.add_argument("--precision-targets",
-                   help="of ort,ort_int8,mnn_fp32,mnn_fp16w,mnn_int8w,mnn_int8 (default all; --quick: all but "
-                        "the calibrated int8 ones, whose fallback search takes minutes)")
+                   help="of ort,ort_int8,mnn_fp32,mnn_fp16w,mnn_int8w,mnn_int8,openvino,openvino_int8 (default all; "
+                        "--quick: all but the calibrated int8 ones, whose fallback search takes minutes)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2 rounds, 64² input, one small operator shape, short roofline")
     p.add_argument("--out", help="output directory (default benchmarks/results; --quick: .cache/bench/quick)")

@@ -1,6 +1,7 @@
 """Every inference form of a model — PConv {split_cat, slice_cat, slicing, full, fused} × MLP {fc, conv}, where
-the network has them — built with the project's own export code, then timed per engine with the forms
-interleaved.
+the network has them — built with the project's own export code, then timed: PyTorch with the forms
+interleaved, the runtime's engines (ONNX Runtime, MNN, OpenVINO) with every (engine, form) pair interleaved in
+the same rounds, so each form has a paired ratio to its baseline form and to ONNX Runtime on the same form.
 
 Exports are cached under a directory keyed by the code that produces them, so a second run re-times without
 re-exporting; a change to models/ or export/ (or to a tool version) starts a fresh cache."""
@@ -36,7 +37,8 @@ from runtime.atomic import write_json
 
 from .timing import interleaved, summarize
 
-ENGINES = ("torch", "ort", "mnn")
+ENGINES = ("torch", "ort", "mnn", "openvino")
+PAIRED_BASE = "ort"  # the runtime engines' rows also carry a paired ratio to this engine on the same form
 ROOT = Path(__file__).resolve().parent.parent
 # What an exported file depends on besides its source record: a change in any of these invalidates the cache.
 CODE = ("models", "export")
@@ -107,7 +109,7 @@ def reference_form(model: str, img_size: int | None = None) -> Form:
     return Form(model, meta["pconv"], meta["mlp"], inference, meta, macs=counted_macs(inference, x))
 
 
-TIMED_TARGETS = {"ort": "ort", "mnn": "mnn_fp32"}  # engine → the artifact target it times
+TIMED_TARGETS = {"ort": "ort", "mnn": "mnn_fp32", "openvino": "openvino"}  # engine → the artifact target it times
 TIMED_TARGET_NAMES = tuple(TIMED_TARGETS.values())
 BUILD_RECORD = "bench_build.json"  # build_artifact's report, kept beside the cached files
 
@@ -170,7 +172,8 @@ def runner(form: Form, engine: str, threads: int, x: np.ndarray):
             with torch.inference_mode():
                 return form.module(xt)
         return run
-    predictor = runtime.load(form.files[engine], threads=threads)
+    target = targets.get(TIMED_TARGETS[engine])
+    predictor = runtime.load(form.files[engine], engine=target.engine, threads=threads, precision=target.precision)
     return lambda: predictor.run(x)
 
 
@@ -193,17 +196,30 @@ def check_outputs(forms: list[Form], engines, x: np.ndarray) -> dict:
     return errors
 
 
-def time_forms(forms: list[Form], engine: str, threads: int, x: np.ndarray, iters: int, warmup: int,
-               budget_s: float | None = None) -> dict:
-    """summarize() rows per form tag, ratios to the first form (the baseline), all forms interleaved."""
+def time_engines(forms: list[Form], engines, threads: int, x: np.ndarray, iters: int, warmup: int,
+                 budget_s: float | None = None) -> dict[str, dict]:
+    """{engine: summarize() rows per form tag}: every (engine, form) pair interleaved in the same rounds. Rows
+    have the paired ratio to the engine's baseline form ("ratio") and, beside PAIRED_BASE, to PAIRED_BASE on the
+    same form ("vs_ort", with p10/p90). `budget_s` is per engine: the group gets it once per engine."""
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        fns = {form.tag: runner(form, engine, threads, x) for form in forms}
-        times = interleaved(fns, iters=iters, warmup=warmup, max_seconds=budget_s)
-        return summarize(times, baseline=forms[0].tag)
+        fns = {f"{engine}/{form.tag}": runner(form, engine, threads, x) for engine in engines for form in forms}
+        times = interleaved(fns, iters=iters, warmup=warmup,
+                            max_seconds=budget_s * len(engines) if budget_s else budget_s)
     finally:
         torch.set_num_threads(prev)
+    tags = [form.tag for form in forms]
+    out = {}
+    for engine in engines:
+        out[engine] = summarize({tag: times[f"{engine}/{tag}"] for tag in tags}, baseline=tags[0])
+        if engine != PAIRED_BASE and PAIRED_BASE in engines:
+            for tag in tags:
+                paired = times[f"{engine}/{tag}"] / times[f"{PAIRED_BASE}/{tag}"]
+                out[engine][tag].update(vs_ort=float(np.median(paired)),
+                                        vs_ort_p10=float(np.percentile(paired, 10)),
+                                        vs_ort_p90=float(np.percentile(paired, 90)))
+    return out
 
 
 def bench_model(model: str, engines, threads, iters: int, warmup: int, img_size: int | None = None,
@@ -238,11 +254,14 @@ def bench_model(model: str, engines, threads, iters: int, warmup: int, img_size:
             "skipped": skipped, "max_rel_err": check_outputs(forms, engines, x), "timings": {},
         }
         clock["check"] = time.perf_counter()
+        # PyTorch alone (its own thread pool and set_num_threads); the runtime's engines in one interleaved group
+        groups = [[e] for e in engines if e == "torch"] + [[e for e in engines if e != "torch"]]
         for t in threads:
-            for engine in engines:
-                log(f"  time {model} {engine} {t} thread{'s' * (t > 1)} ({len(forms)} forms × {iters})")
-                rows = time_forms(forms, engine, t, x, iters, warmup, budget_s)
-                result["timings"].setdefault(engine, {})[str(t)] = rows
+            for group in filter(None, groups):
+                log(f"  time {model} {'+'.join(group)} {t} thread{'s' * (t > 1)} "
+                    f"({len(group)} engines × {len(forms)} forms × {iters})")
+                for engine, rows in time_engines(forms, group, t, x, iters, warmup, budget_s).items():
+                    result["timings"].setdefault(engine, {})[str(t)] = rows
         clock["time"] = time.perf_counter()
     stages = list(clock)
     result["seconds"] = {b: round(clock[b] - clock[a], 1) for a, b in zip(stages, stages[1:])}

@@ -13,8 +13,8 @@ from matplotlib import ticker  # noqa: E402
 
 from .report import ENGINE_NAMES  # noqa: E402
 
-COLORS = {"torch": "#d62728", "ort": "#1f77b4", "mnn": "#2ca02c"}
-MARKERS = {"torch": "s", "ort": "o", "mnn": "^"}
+COLORS = {"torch": "#d62728", "ort": "#1f77b4", "mnn": "#2ca02c", "openvino": "#9467bd"}
+MARKERS = {"torch": "s", "ort": "o", "mnn": "^", "openvino": "D"}
 
 
 def _save(fig, path: Path) -> None:

@@ -20,7 +20,8 @@ from .timing import interleaved, summarize
 
 # engine → the targets it times, fp32 first (the baseline of the ratios). On x86, MNN's precision "low" runs
 # fp32 arithmetic: the fp16 file (fp32 arithmetic on fp16-stored weights) is the host's fp16 line.
-PRECISION_TARGETS = {"ort": ("ort", "ort_int8"), "mnn": ("mnn_fp32", "mnn_fp16w", "mnn_int8w", "mnn_int8")}
+PRECISION_TARGETS = {"ort": ("ort", "ort_int8"), "mnn": ("mnn_fp32", "mnn_fp16w", "mnn_int8w", "mnn_int8"),
+                     "openvino": ("openvino", "openvino_int8")}
 
 
 def target_breaches(parity: dict, name: str) -> list[str]:
@@ -45,7 +46,9 @@ def build_dropping(form: Form, directory: Path, names: list[str], log=print) -> 
                 raise
             log(f"  build failed ({e}); again without {drop}")
             failed[drop] = str(e)
-            names = [n for n in names if n != drop]
+            runs_it = [n for n in names if n != drop and targets.producer(targets.get(n)).name == drop]
+            failed.update({n: f"runs {drop}'s file: {e}" for n in runs_it})  # e.g. openvino_int8
+            names = [n for n in names if n != drop and n not in runs_it]
 
 
 def bench_precision(model: str, engines, threads: int, iters: int, warmup: int, img_size: int | None = None,
@@ -81,7 +84,9 @@ def bench_precision(model: str, engines, threads: int, iters: int, warmup: int, 
             log(f"  time {model} {engine} {threads} thread{'s' * (threads > 1)} ({len(group)} files × {iters})")
             fns = {}
             for name in group:
-                predictor = runtime.load(files[name], threads=threads, precision=targets.get(name).precision)
+                target = targets.get(name)
+                predictor = runtime.load(files[name], engine=target.engine, threads=threads,
+                                         precision=target.precision)
                 fns[name] = (lambda p: lambda: p.run(x))(predictor)
             rows = summarize(interleaved(fns, iters=iters, warmup=warmup, max_seconds=budget_s),
                              baseline=group[0])

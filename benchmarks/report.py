@@ -6,7 +6,8 @@ from collections import Counter
 
 import models
 
-ENGINE_NAMES = {"torch": "PyTorch eager", "ort": "ONNX Runtime", "mnn": "MNN"}
+ENGINE_NAMES = {"torch": "PyTorch eager", "ort": "ONNX Runtime", "mnn": "MNN", "openvino": "OpenVINO"}
+RUNTIME_ENGINES = ("ort", "mnn", "openvino")  # what a deployment runs (runtime.load); the fastest is recorded
 # Export targets MNN first (ORT second): the per-model default follows MNN at one thread, the edge-board case.
 BASIS = (("mnn", "1"), ("ort", "1"), ("torch", "1"))
 FORM_KEYS = ("pconv", "mlp")
@@ -82,6 +83,8 @@ def recommend(results: dict) -> dict:
     for name, r in results["models"].items():
         families.setdefault(r["family"], []).append(by_model[name])
     top = _majority(list(by_model.values()))
+    fastest_engine = {name: row for name, r in results["models"].items()
+                      if (row := fastest_engine_form(r["timings"])) is not None}
     aliases = {a: models.get_cfg(a).extra.get("alias_of") for a in models.list_models()}
     by_model.update({a: by_model[c] for a, c in aliases.items() if c in by_model and a not in by_model})
     return {**top,
@@ -89,10 +92,29 @@ def recommend(results: dict) -> dict:
             "by_model": by_model,
             "basis": basis_used,
             "by_engine": by_engine,
+            "fastest_engine": fastest_engine,
             "rule": "per model, the form with the lowest median latency in MNN at 1 thread (else ORT, "
                     f"torch), unless its median paired ratio to the baseline is above {1 - MIN_GAIN:.2f} "
                     "(then the baseline)",
-            "date": results["host"]["date"], "host": results["host"]["host"], "cpu": results["host"]["cpu"]}
+            "fastest_engine_rule": "per model, the (engine, form) of the runtime's engines "
+                                   f"({', '.join(RUNTIME_ENGINES)}) with the lowest median latency at 1 thread, "
+                                   "all timed in the same interleaved rounds on this host; vs_ort: its paired "
+                                   "ratio to ONNX Runtime on the same form",
+            "date": results["host"]["date"], "host": results["host"]["host"], "cpu": results["host"]["cpu"],
+            "simd": results["host"].get("simd", [])}
+
+
+def fastest_engine_form(timings: dict, threads: str = "1") -> dict | None:
+    """{"engine", "form", "threads", "median_ms"[, "vs_ort", "vs_ort_p10", "vs_ort_p90"]}: the fastest
+    (engine, form) among RUNTIME_ENGINES at `threads`, or None when none of them ran there."""
+    cells = [(rows[tag]["median_ms"], engine, tag) for engine in RUNTIME_ENGINES
+             if (rows := timings.get(engine, {}).get(threads)) for tag in rows]
+    if not cells:
+        return None
+    median_ms, engine, tag = min(cells)
+    row = timings[engine][threads][tag]
+    paired = {k: row[k] for k in ("vs_ort", "vs_ort_p10", "vs_ort_p90") if k in row}
+    return {"engine": engine, "form": tag, "threads": int(threads), "median_ms": median_ms, **paired}
 
 
 def _verdict(row: dict, claimed: float) -> str:
@@ -154,7 +176,9 @@ def forms_tables(by_model: dict) -> str:
                    + (f"; reference line: {', '.join(f'`{t}`' for t in refs)}, timed in the same rounds"
                       if refs else "") + ")" + _measured(r))
         for threads in next(iter(r["timings"].values())):
-            header = ["form", "GMACs"] + [f"{ENGINE_NAMES[e]} {x}" for e in engines for x in ("ms", "× base")]
+            paired = {e for e in engines if "vs_ort" in next(iter(r["timings"][e][threads].values()))}
+            header = ["form", "GMACs"] + [f"{ENGINE_NAMES[e]} {x}" for e in engines
+                                          for x in ("ms", "× base", "× ORT")[:3 if e in paired else 2]]
             best = {e: fastest(r["timings"][e][threads]) for e in engines}
             rows = []
             for tag, form in r["forms"].items():
@@ -164,6 +188,9 @@ def forms_tables(by_model: dict) -> str:
                     t = r["timings"][e][threads][tag]
                     bold = "**" if tag == best[e] else ""
                     row += [f"{bold}{t['median_ms']:.2f}{bold}", _ratio(t)]
+                    if e in paired:
+                        row.append(_ratio({"ratio": t["vs_ort"], "ratio_p10": t["vs_ort_p10"],
+                                           "ratio_p90": t["vs_ort_p90"]}))
                 rows.append(row)
             n = sorted({r["timings"][e][threads][tag]["iters"] for e in engines for tag in r["forms"]})
             n_text = f"{n[0]}" if len(n) == 1 else f"{n[0]}–{n[-1]} (time budget reached)"
@@ -215,9 +242,10 @@ def precision_tables(results: dict) -> str:
 
 
 def recommendation_table(rec: dict, results: dict) -> str:
-    cols = [(e, t) for e in ("mnn", "ort", "torch") for t in results["settings"]["threads"]]
+    cols = [(e, t) for e in ("mnn", "ort", "openvino", "torch") for t in results["settings"]["threads"]]
     cols = [(e, str(t)) for e, t in cols if e in results["settings"]["engines"]]
     header = ["model", "default (export)"] + [f"{ENGINE_NAMES[e]} {_threads_label(t)}" for e, t in cols]
+    header.append("fastest engine + form, 1 thread (× ORT, same form)")
     rows = []
     for name, b in rec["basis"].items():
         default = f"`{b['form']}`" + ("" if b["fastest_clearly"] else " (baseline: no clear winner)")
@@ -225,6 +253,9 @@ def recommendation_table(rec: dict, results: dict) -> str:
         for e, t in cols:
             d = rec["by_engine"][name][e][t]
             cells.append(f"`{d['fastest']}` {d['ratio']:.2f}")
+        f = rec.get("fastest_engine", {}).get(name)
+        cells.append(f"{ENGINE_NAMES[f['engine']]} `{f['form']}` {f['median_ms']:.2f} ms"
+                     + (f" ({f['vs_ort']:.2f})" if "vs_ort" in f else "") if f else "")
         rows.append([name, default] + cells)
     return _table(header, rows)
 
@@ -322,8 +353,8 @@ def settings_section(results: dict) -> str:
         f"SIMD: {', '.join(h.get('simd', [])) or 'unknown'})",
         f"- load average (1/5/15 min) at start {load.get('start')}, at end {load.get('end')} — the machine "
         "was shared; ratios are paired per round, absolute times carry the load",
-        "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "onnxruntime", "MNN", "onnx",
-                                                         "onnxsim") if k in v),
+        "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "onnxruntime", "MNN", "openvino",
+                                                         "onnx", "onnxsim") if k in v),
         f"- timing: {s['warmup']} warm-up + {s['iters']} interleaved rounds per (model, engine, threads), "
         "order rotated each round; median, p10, p90; ratio = per-round time / the baseline's in that round",
         f"- budget: {s['budget_s'] or 'none'} s of warm-up + rounds per (model, engine, threads); past it a "
@@ -334,7 +365,9 @@ def settings_section(results: dict) -> str:
         "- engines: PyTorch eager (`torch.inference_mode`, `torch.set_num_threads`); ONNX Runtime and MNN "
         "through `runtime.load(path, threads=N).run(x)` (ORT: CPU provider, default graph optimisation, "
         "intra-op N, inter-op 1; MNN: CPU backend, precision normal, numThread N, 3x3 convs in F(2,3) Winograd "
-        "tiles, the runtime default); exported with "
+        "tiles, the runtime default; OpenVINO: the same model.onnx, CPU plugin, f32 precision hint, "
+        "INFERENCE_NUM_THREADS N, latency hint, no CPU pinning); the runtime's engines run in the same interleaved "
+        "rounds (× ORT: paired ratio to ONNX Runtime on the same form); exported with "
         "`export.onnx_export` (opset 17, onnxsim) and `export.mnn_convert` (fp32)",
         f"- wall time {results['wall_s'] / 60:.1f} min: " + _stages(results),
     ]

@@ -2,6 +2,7 @@
 (a leak shows as growth in the second half), and the Predictor wrapper's overhead over the bare engine call.
 
   python -m benchmarks.runtime_bench artifacts/fasternet_t0/<tag>/model.mnn [--n 10000] [--threads 1] [--json]
+  python -m benchmarks.runtime_bench artifacts/convnext_atto/conv/model.onnx --engine openvino
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import numpy as np
 
 from runtime import EdgeRuntimeError, load
 from runtime.cli import OneLineParser, cli_main, int_in
-from runtime.engines import import_mnn, mnn_runtime_manager, stdout_silenced
+from runtime.engines import import_mnn, import_openvino, mnn_runtime_manager, openvino_config, stdout_silenced
+from runtime.predictor import ENGINE_CHOICES
 
 MAX_RUNS = 10_000_000  # 80 MB of latencies; more is a typo
 
@@ -49,6 +51,16 @@ def bare_engine_call(path: str, backend: str, threads: int, precision: str, x: n
             outs = module.forward([F.const(x, list(x.shape), F.NCHW)])
             return [(F.convert(o, F.NCHW) if o.data_format == F.NC4HW4 else o).read() for o in outs]
         return call
+    if backend == "openvino":
+        ov = import_openvino()
+        core = ov.Core()
+        request = core.compile_model(path, "CPU", openvino_config(core, threads, precision)).create_infer_request()
+        request.set_input_tensor(0, ov.Tensor(x, shared_memory=True))  # once: the same array every call
+
+        def call():
+            request.infer()
+            return [request.get_output_tensor(i).data.copy() for i in range(len(request.model_outputs))]
+        return call
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -69,16 +81,18 @@ def interleaved_medians(a, b, runs: int) -> tuple[float, float]:
     return float(np.median(ta)), float(np.median(tb))
 
 
-def measure(path: str, n: int, threads: int, precision: str, overhead_runs: int) -> dict:
+def measure(path: str, n: int, threads: int, precision: str, overhead_runs: int, engine: str = "auto") -> dict:
     rss_start = rss_mb()
     t = time.perf_counter()
-    if path.lower().endswith(".mnn"):
+    if engine in ("openvino", "ov"):
+        import_openvino()
+    elif path.lower().endswith(".mnn"):
         import_mnn()
     else:
         import onnxruntime  # noqa: F401
     import_ms = (time.perf_counter() - t) * 1e3
     t = time.perf_counter()
-    predictor = load(path, threads=threads, precision=precision)
+    predictor = load(path, engine, threads=threads, precision=precision)
     load_ms = (time.perf_counter() - t) * 1e3
     threads = predictor.threads  # capped for onnxruntime above the CPU count: the bare engine gets the same
     rss_loaded = rss_mb()
@@ -141,11 +155,14 @@ def main(argv=None) -> int:
                    help="interleaved pairs for the overhead (default: 1000)")
     p.add_argument("--threads", type=int_in(1), default=1,
                    help="intra-op threads (default: 1); above the CPU count warns, and onnxruntime is capped")
-    p.add_argument("--precision", choices=("fp32", "low"), default="fp32", help="MNN arithmetic (MNN only)")
+    p.add_argument("--precision", choices=("fp32", "low"), default="fp32",
+                   help="arithmetic: low = fp16/bf16 where the CPU has it (MNN, OpenVINO)")
+    p.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
+                   help="auto = from the extension (.mnn: mnn, .onnx: onnxruntime); openvino runs a .onnx file")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = p.parse_args(argv)
     try:
-        result = measure(args.artifact, args.n, args.threads, args.precision, args.overhead_runs)
+        result = measure(args.artifact, args.n, args.threads, args.precision, args.overhead_runs, args.engine)
     except EdgeRuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,21 +2,23 @@
 
 ONNX backends (`bisect_onnx`): intermediate tensors become extra graph outputs. ONNX Runtime with graph
 optimisations off runs that graph as the reference; the failing backend is ONNX Runtime with optimisations on,
-or the .mnn artifact itself with its internal tensors read by their ONNX names (the file as shipped, so a
-conversion flag or a corrupt weight shows up exactly where it acts). Tensors are compared in topological order
-with max|d| / max|ref|. Large graphs are searched k-ary over the topological index: probes spread evenly, then
-the interval between the last agreeing and the first diverging probe, so the cost stays a few runs.
+OpenVINO on the same graph (compiled as the runtime compiles it), or the .mnn artifact itself with its internal
+tensors read by their ONNX names (the file as shipped, so a conversion flag or a corrupt weight shows up exactly
+where it acts). Tensors are compared in topological order with max|d| / max|ref|. Large graphs are searched
+k-ary over the topological index: probes spread evenly, then the interval between the last agreeing and the
+first diverging probe, so the cost stays a few runs.
 
 PyTorch inference form (`bisect_torch`): forward hooks on modules present under the same name in both forms.
 """
 from __future__ import annotations
 
+import io
 import time
 
 import numpy as np
 
 from models.metrics import max_rel
-from runtime.engines import mnn_runtime_manager, stdout_silenced
+from runtime.engines import import_openvino, mnn_runtime_manager, openvino_config, stdout_silenced
 
 ONSET_FRACTION = 0.1  # "onset" = the first probe whose error exceeds this fraction of the gate
 
@@ -85,6 +87,21 @@ def _ort_run(model_bytes: bytes, input_name, xs, names, optimize: bool) -> dict:
     return {n: np.concatenate([r[i] for r in runs]) for i, n in enumerate(names)}
 
 
+def _openvino_run(model_bytes: bytes, input_name, xs, names, precision: str) -> dict:
+    """The probe graph under OpenVINO's CPU plugin, configured as the runtime's OpenVinoEngine (1 thread)."""
+    ov = import_openvino()
+    frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
+    core = ov.Core()
+    compiled = core.compile_model(frontend.convert(frontend.load(io.BytesIO(model_bytes))), "CPU",
+                                  openvino_config(core, 1, precision))
+    request = compiled.create_infer_request()
+    runs = []
+    for x in xs:
+        request.infer({input_name: np.ascontiguousarray(x[None])})
+        runs.append([request.get_tensor(n).data.copy() for n in names])
+    return {n: np.concatenate([r[i] for r in runs]) for i, n in enumerate(names)}
+
+
 def mnn_tensor_ops(mnn_path) -> dict[str, str]:
     """Tensor name → MNN op type (e.g. 'GELU_STANDARD', 'Convolution') of every tensor in an .mnn file."""
     with stdout_silenced():
@@ -116,7 +133,8 @@ def bisect_onnx(onnx_path, xs: np.ndarray, target, gate: float, artifact=None, m
     """First ONNX node whose output, as computed by `target` (an export.targets.Target), differs from ONNX
     Runtime (graph optimisations off, same graph) by more than `gate` (max_rel) on the samples `xs` (N,3,H,W).
 
-    An onnxruntime target: ONNX Runtime with all graph optimisations on, on the `artifact` graph. An MNN target:
+    An onnxruntime target: ONNX Runtime with all graph optimisations on, on the `artifact` graph; an openvino
+    target: OpenVINO's CPU plugin on the same graph. An MNN target:
     the .mnn `artifact` itself at the target's precision, its internal tensors read by their ONNX names
     (tensors the converter fused away are not probed).
     Returns {"found", "node", "op_type", "tensor", "index", "max_rel", "upstream_ops", "mnn_op", "previous",
@@ -142,6 +160,8 @@ def bisect_onnx(onnx_path, xs: np.ndarray, target, gate: float, artifact=None, m
         ref = _ort_run(graph, input_name, xs, names, optimize=False)
         if on_mnn:
             got = _mnn_run(artifact, input_name, xs, names, target.precision)
+        elif target.engine == "openvino":
+            got = _openvino_run(graph, input_name, xs, names, target.precision)
         else:
             got = _ort_run(graph, input_name, xs, names, optimize=True)
         return {i: max_rel(ref[n], got[n]) for i, n in zip(idx, names) if ref[n].shape == got[n].shape}

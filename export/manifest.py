@@ -12,7 +12,7 @@ from runtime.atomic import write_atomic
 from .source import sha256_file
 from .tables import markdown_table
 
-TOOLS = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "MNN", "numpy")
+TOOLS = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxslim", "MNN", "openvino", "numpy")
 MANIFEST, REPORT = "manifest.json", "report.md"
 
 

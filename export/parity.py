@@ -374,7 +374,7 @@ def _fp32_twin(name: str) -> str | None:
     target = targets.get(name)
     if target.precision != "low":
         return None
-    twin = targets.for_file(target.file, "fp32")
+    twin = targets.for_file(target.file, "fp32", target.engine)
     return twin.name if twin else None
 
 

@@ -27,9 +27,10 @@ INFERENCE = "torch_inference"  # the PyTorch inference form: a stage every targe
 class Target:
     name: str
     file: str | None           # the file it ships; None for the PyTorch inference stage
-    engine: str                # how it runs: "torch", or a runtime.load backend ("onnxruntime", "mnn")
+    engine: str                # how it runs: "torch", or a runtime.load engine ("onnxruntime", "mnn", "openvino")
     precision: str             # runtime.load precision: "fp32", or "low" (MNN fp16/bf16 arithmetic)
-    made_from: str             # the stage it is derived from (bisection's first suspect)
+    made_from: str             # the stage it is derived from (bisection's first suspect); a target running
+                               # another's file with another engine or precision: that file's producer
     gates: Mapping[str, float]  # {metric: threshold} against the PyTorch training form (export.parity)
     description: str
     produce: str | None = None  # its maker in export.producers.PRODUCERS (writes `file`); None: runs another's
@@ -100,6 +101,23 @@ TARGETS += (
            produce="mnn_int8", default=False, default_when_trained=True, for_detectors=False, compute="int8",
            inputs="held_out", bisect="none", gelu="tanh", detection_gates=DET_INT8),
 )
+# OpenVINO reads the ONNX files as they are (no file of its own, so a target costs parity time only) and is the
+# fastest engine for them on x86 (docs/guides/engines.md). Gates: those of the ONNX Runtime target on the same
+# file, set before measuring. `openvino` is in a classifier's default export (fasternet_t0, convnext_atto,
+# inception_next_atto: max_rel 7e-7 to 9e-7, the ORT file's own 5e-7), so whoever runs model.onnx with OpenVINO
+# gets a file proven under it; not in a detector's: on yolo11n (640², calibrated random weights) its scores
+# were 1.17e-4 off, over DET_FP32's 1e-4 (ORT 9.2e-5; PyTorch's inference form 1.33e-4 in the same run), though
+# yolo11n_fasternet_t0 passed (scores 1.7e-5, boxes 0.002 px).
+# `openvino_int8` only with --targets: an optional int8 target is dropped on its producer's own check, before
+# parity, so an OpenVINO-only miss would fail an export whose int8 file is fine under ONNX Runtime.
+TARGETS += (
+    Target("openvino", "model.onnx", "openvino", "fp32", "ort", _gates(max_rel=1e-5),
+           "ONNX, fp32, run by OpenVINO (CPU plugin, f32 precision hint)", for_detectors=False),
+    Target("openvino_int8", "model.int8.onnx", "openvino", "fp32", "ort_int8", INT8_GATES,
+           "ONNX int8 QDQ, run by OpenVINO (CPU plugin; int8 kernels for the QDQ pairs)",
+           default=False, for_detectors=False, compute="int8", inputs="held_out", bisect="none",
+           detection_gates=DET_INT8),
+)
 TARGET_BY_NAME: Mapping[str, Target] = MappingProxyType({t.name: t for t in TARGETS})
 ARTIFACTS = tuple(t for t in TARGETS if t.file)  # the targets that are files to ship and run
 DEFAULT_TARGETS = tuple(t.name for t in ARTIFACTS if t.default)
@@ -146,9 +164,11 @@ def producer(target: Target) -> Target:
     return next(t for t in ARTIFACTS if t.file == target.file and t.produce is not None)
 
 
-def for_file(filename: str, precision: str = "fp32") -> Target | None:
-    """The target that runs `filename` at `precision`, or None."""
-    return next((t for t in ARTIFACTS if t.file == filename and t.precision == precision), None)
+def for_file(filename: str, precision: str = "fp32", engine: str | None = None) -> Target | None:
+    """The target that runs `filename` at `precision` with `engine` (None: the file's own, its producer's), or
+    None."""
+    return next((t for t in ARTIFACTS if t.file == filename and t.precision == precision
+                 and t.engine == (engine or producer(t).engine)), None)
 
 
 def default_gates() -> dict[str, dict[str, float]]:

@@ -5,6 +5,7 @@ Examples:
   python -m runtime.detect model.mnn street.jpg
   python -m runtime.detect model.onnx photos/ --conf 0.4 --save-dir out/ --json
   python -m runtime.detect model.mnn street.jpg --threads 4 --labels coco.txt
+  python -m runtime.detect model.onnx street.jpg --engine openvino
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from PIL import Image, ImageDraw
 from .cli import OneLineParser, cli_main, expand_images, for_each_image, int_in, read_labels
 from .errors import EdgeRuntimeError
 from .images import load_image
+from .predictor import ENGINE_CHOICES
 from .preprocess import PAD_VALUE, Letterbox, letterbox
 
 DEFAULT_CONF, DEFAULT_IOU, DEFAULT_MAX_DET = 0.25, 0.45, 300
@@ -196,7 +198,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="\n".join(__doc__.splitlines()[3:]) + "\n\nExit status: 0 ok (also when nothing is detected), "
                "2 on any error (one line each).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="detector artifact: .mnn (MNN) or .onnx (onnxruntime)")
+    p.add_argument("model", help="detector artifact: .mnn (MNN) or .onnx (onnxruntime or OpenVINO)")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files, or directories (their image files, sorted, not recursive)")
     p.add_argument("--conf", type=float, default=DEFAULT_CONF, help=f"score threshold (default {DEFAULT_CONF})")
@@ -207,8 +209,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a stem get <stem>-2.png, <stem>-3.png, ... in argument order")
     p.add_argument("--labels", metavar="FILE", help="text file: one class name a line (default: the artifact's)")
     p.add_argument("--threads", type=int_in(1), default=1, help="intra-op CPU threads (default: 1)")
-    p.add_argument("--backend", choices=("auto", "mnn", "onnxruntime"), default="auto",
-                   help="engine (default: from the file extension)")
+    p.add_argument("--engine", "--backend", dest="engine", choices=ENGINE_CHOICES, default="auto",
+                   help="auto = from the file extension (.mnn: mnn, .onnx: onnxruntime); openvino runs a .onnx file "
+                        "(pip install openvino); --backend is its former name")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     return p.parse_args(argv)
 
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
     try:
         if not 0 <= args.conf <= 1 or not 0 <= args.iou <= 1:
             raise EdgeRuntimeError(f"--conf {args.conf} / --iou {args.iou}: both must be in [0, 1]")
-        predictor = load(args.model, backend=args.backend, threads=args.threads)
+        predictor = load(args.model, engine=args.engine, threads=args.threads)
         if predictor.meta.get("task") != "detection" or "input_shape" not in predictor.meta:
             raise EdgeRuntimeError(f"{args.model}: not an edgeport detector artifact (metadata task is "
                                    f"{predictor.meta.get('task')!r}); for classifiers use python -m runtime.infer")

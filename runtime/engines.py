@@ -1,5 +1,5 @@
-"""The two inference engines behind Predictor, each a thin adapter: load a file, report names and metadata,
-run a dict of float32 arrays. MNN and onnxruntime are imported only when a model of that kind is loaded."""
+"""The inference engines behind Predictor, each a thin adapter: load a file, report names and metadata, run a
+dict of float32 arrays. MNN, onnxruntime and OpenVINO are imported only when a model is loaded with them."""
 from __future__ import annotations
 
 import os
@@ -164,5 +164,93 @@ class OrtEngine:
         return dict(zip(self.output_names, outputs))
 
 
-ENGINES = {"mnn": MnnEngine, "onnxruntime": OrtEngine}
+def import_openvino():
+    """`import openvino` without its telemetry. Importing the package imports its converter (openvino.tools.ovc),
+    which sends a Google Analytics event ("ov", "import") from a background process and writes ~/intel/
+    openvino_ga_cid whenever the openvino-telemetry package (a dependency of the openvino wheel) is installed
+    and ~/intel/openvino_telemetry does not opt out. With that package hidden from this process, ovc takes its
+    own no-op stub (telemetry_stub): no file, no connection (docs/guides/engines.md shows how this was checked)."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    sys.modules.setdefault("openvino_telemetry", None)  # kept for the process: ovc may import it again later
+    try:
+        import openvino
+    except ImportError as e:
+        raise EdgeRuntimeError(f"openvino is not installed ({e}); pip install openvino "
+                               "(or edgeport-runtime[openvino])") from None
+    return openvino
+
+
+def _last_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def openvino_config(core, threads: int = 1, precision: str = "fp32") -> dict:
+    """The CPU plugin's compile config as the runtime sets it (OpenVinoEngine; the benchmarks' bare call).
+
+    INFERENCE_PRECISION_HINT: fp32 is asked for explicitly, as the plugin's own default is bf16 wherever the CPU
+    has it (AVX512_BF16 / AMX), far outside the fp32 gate; "low" is bf16 on such x86 CPUs, f16 where the plugin
+    offers it (ARMv8.2+), else f32. No CPU pinning (on by default on Linux): like onnxruntime's threads, ours may
+    move between cores; on a shared 2-core host under load, pinned took 0.98x onnxruntime's time on
+    convnext_atto, unpinned 0.78x."""
+    hint = "f32"
+    if precision == "low":
+        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        hint = "bf16" if "BF16" in capabilities else "f16" if "FP16" in capabilities else "f32"
+    return {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
+
+
+class OpenVinoEngine:
+    """OpenVINO CPU plugin on an ONNX file (read directly, no conversion step), one synchronous infer request
+    compiled for latency. An InferRequest is not thread-safe, so calls are serialised by a lock."""
+
+    backend = "openvino"
+
+    def __init__(self, path: str, threads: int, precision: str, winograd: str = "accurate"):
+        if winograd != "accurate":
+            raise EdgeRuntimeError(f"winograd {winograd!r} is an MNN option; OpenVINO has no such choice")
+        ov = import_openvino()
+        # The ONNX frontend itself, not Core.read_model: that tries every frontend on a file that is not ONNX, and
+        # TensorFlow's prints parse errors to stderr.
+        onnx_frontend = ov.frontend.FrontEndManager().load_by_framework("onnx")
+        if not onnx_frontend.supported(path):
+            raise EdgeRuntimeError(f"{path}: not an ONNX model (truncated, or another format); OpenVINO runs the "
+                                   ".onnx file: re-export it, or use engine mnn for a .mnn file")
+        core = ov.Core()
+        config = openvino_config(core, threads, precision)
+        self.precision_hint = config["INFERENCE_PRECISION_HINT"]
+        try:
+            model = onnx_frontend.convert(onnx_frontend.load(path))
+            compiled = core.compile_model(model, "CPU", config)
+        except Exception as e:  # OpenVINO's exceptions carry a C++ check location first, the reason last
+            raise EdgeRuntimeError(f"{path}: OpenVINO cannot load it ({_last_line(e)}); re-export it") from None
+        self._request = compiled.create_infer_request()
+        self._Tensor = ov.Tensor
+        self.input_names = [i.get_any_name() for i in model.inputs]
+        self.output_names = [o.get_any_name() for o in model.outputs]
+        self.input_shapes = {i.get_any_name(): [d.get_length() if d.is_static else -1 for d in i.get_partial_shape()]
+                             for i in model.inputs}
+        # The ONNX frontend keeps the file's metadata_props under rt_info["framework"]
+        key = ["framework", METADATA_KEY]
+        self.metadata_text = str(model.get_rt_info(key).astype(str)) if model.has_rt_info(key) else ""
+        self._lock = threading.Lock()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Tensors set by index and outputs read by index: InferRequest.infer(inputs) converts and wraps them in
+        # Python and took ~40 us more per call (tiny model). The inputs are shared (contiguous, checked by
+        # Predictor); the outputs are copied out of the request's buffers, which the next call overwrites.
+        request = self._request
+        try:
+            with self._lock:
+                for i, name in enumerate(self.input_names):
+                    request.set_input_tensor(i, self._Tensor(feeds[name], shared_memory=True))
+                request.infer()
+                return {name: request.get_output_tensor(i).data.copy() for i, name in enumerate(self.output_names)}
+        except Exception as e:
+            raise EdgeRuntimeError(f"OpenVINO failed: {_last_line(e)}") from None
+
+
+ENGINES = {"mnn": MnnEngine, "onnxruntime": OrtEngine, "openvino": OpenVinoEngine}
 EXTENSIONS = {".mnn": "mnn", ".onnx": "onnxruntime"}

@@ -4,6 +4,7 @@ Examples:
   python -m runtime.infer model.mnn cat.jpg
   python -m runtime.infer model.mnn photos/ --topk 3 --labels imagenet_labels.txt --threads 4
   python -m runtime.infer model.onnx cat.jpg --json
+  python -m runtime.infer model.onnx cat.jpg --engine openvino --bench 200
   python -m runtime.infer model.mnn cat.jpg --bench 200 --precision low
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from .cli import OneLineParser, cli_main, expand_images, for_each_image, int_in, read_labels
 from .errors import EdgeRuntimeError
-from .predictor import Predictor, load
+from .predictor import ENGINE_CHOICES, Predictor, load
 
 MAX_BENCH_RUNS = 1_000_000
 DEFAULT_TOPK = 5
@@ -29,8 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="\n".join(__doc__.splitlines()[2:]) + "\n\nExit status: 0 ok; 2 bad input or option, or any image "
                "failed (one line each); 1 internal error; 130 interrupted.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="artifact: .mnn (MNN) or .onnx (onnxruntime); preprocessing comes from "
-                                 "its embedded metadata")
+    p.add_argument("model", help="artifact: .mnn (MNN) or .onnx (onnxruntime or OpenVINO); preprocessing "
+                                 "comes from its embedded metadata")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files, or directories (their image files, sorted, not recursive)")
     p.add_argument("--topk", type=int_in(1), help=f"classes to print per image (default: {DEFAULT_TOPK})")
@@ -38,13 +39,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int_in(1), default=1,
                    help="intra-op CPU threads (default: 1); above the CPU count warns, and onnxruntime is capped")
     p.add_argument("--precision", choices=("fp32", "low"), default="fp32",
-                   help="MNN arithmetic: fp32, or low = fp16/bf16 where the CPU supports it (ARMv8.2+)")
+                   help="arithmetic: fp32, or low = fp16/bf16 where the CPU supports it (MNN: ARMv8.2+; OpenVINO: "
+                        "also bf16 on AVX512_BF16/AMX x86); onnxruntime runs fp32 only")
     p.add_argument("--winograd", choices=("accurate", "fast"), default="accurate",
                    help="MNN 3x3 convs: accurate = F(2,3) Winograd only (what the parity gate checks), fast = "
                         "MNN's default F(6,3) tiles (accurate took 1.12x as long on efficientnetv2_s; fast is ~1e-3 "
                         "off in float32)")
-    p.add_argument("--backend", choices=("auto", "mnn", "onnxruntime"), default="auto",
-                   help="engine (default: from the file extension)")
+    p.add_argument("--engine", "--backend", dest="engine", choices=ENGINE_CHOICES, default="auto",
+                   help="auto = from the file extension (.mnn: mnn, .onnx: onnxruntime); openvino runs a .onnx file "
+                        "(pip install openvino); --backend is its former name")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument("--bench", type=int_in(0, MAX_BENCH_RUNS), default=0, metavar="N",
                    help="also time N inferences on the first image: load time, latency median / p90")
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         t = time.perf_counter()
-        predictor = load(args.model, backend=args.backend, threads=args.threads, precision=args.precision,
+        predictor = load(args.model, engine=args.engine, threads=args.threads, precision=args.precision,
                          winograd=args.winograd)
         load_ms = (time.perf_counter() - t) * 1e3
         predictor.require_metadata()

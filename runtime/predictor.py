@@ -16,28 +16,37 @@ from .metadata import read_metadata
 from .preprocess import preprocess as preprocess_image
 
 PREPROCESS_KEYS = ("input_shape", "mean", "std", "crop_pct", "interpolation")
-BACKEND_ALIASES = {"mnn": "mnn", "onnxruntime": "onnxruntime", "ort": "onnxruntime", "onnx": "onnxruntime"}
+# The one list of engine names runtime.load, the CLIs (--engine) and the benchmarks accept: each engine's own
+# name (runtime.engines.ENGINES) and a few short ones.
+ENGINE_ALIASES = {**{name: name for name in ENGINES}, "ort": "onnxruntime", "onnx": "onnxruntime", "ov": "openvino"}
+ENGINE_CHOICES = ("auto", *ENGINES)  # what --help lists
 
 ImageLike = Union[str, os.PathLike, Image.Image]
 
 
-def load(path: str | os.PathLike, backend: str = "auto", threads: int = 1,
-         precision: str = "fp32", winograd: str = "accurate") -> Predictor:
-    """Load a .mnn (MNN Module API) or .onnx (onnxruntime, CPU) model.
+def load(path: str | os.PathLike, engine: str = "auto", threads: int = 1, precision: str = "fp32",
+         winograd: str = "accurate", *, backend: str | None = None) -> Predictor:
+    """Load a .mnn (MNN Module API) or .onnx model (onnxruntime, or OpenVINO with engine="openvino"; CPU).
 
-    threads: intra-op threads (MNN numThread). precision: "fp32", or "low" to let MNN use fp16/bf16 arithmetic
-    where the CPU has it (ARMv8.2+; identical to fp32 on x86). winograd (MNN): "accurate" keeps 3x3 convs to
+    engine: "auto" (from the extension: .mnn → mnn, .onnx → onnxruntime), "mnn", "onnxruntime" ("ort") or
+    "openvino" ("ov"); `backend` is its former name, still accepted. threads: intra-op threads. precision:
+    "fp32", or "low" to allow fp16/bf16 arithmetic where the CPU has it (MNN: ARMv8.2+, identical to fp32 on
+    x86; OpenVINO: bf16 on AVX512_BF16/AMX x86, f16 on ARMv8.2+). winograd (MNN): "accurate" keeps 3x3 convs to
     F(2,3) tiles, as the parity gate checks them; "fast" is MNN's default (up to F(6,3): "accurate" took 1.12×
     as long on efficientnetv2_s, but "fast" is ~1e-3 off in float32, over the fp32 gate)."""
     path = os.fspath(path)
-    if backend == "auto":
+    if backend is not None:
+        if engine not in ("auto", backend):
+            raise EdgeRuntimeError(f"engine {engine!r} and backend {backend!r} disagree; name the engine once")
+        engine = backend
+    if engine == "auto":
         ext = os.path.splitext(path)[1].lower()
         if ext not in EXTENSIONS:
             raise EdgeRuntimeError(
-                f"{path}: unknown model type {ext!r}; expected .mnn or .onnx (or name the backend)")
-        backend = EXTENSIONS[ext]
-    if backend not in BACKEND_ALIASES:
-        raise EdgeRuntimeError(f"unknown backend {backend!r}; choose auto, mnn or onnxruntime")
+                f"{path}: unknown model type {ext!r}; expected .mnn or .onnx (or name the engine)")
+        engine = EXTENSIONS[ext]
+    if engine not in ENGINE_ALIASES:
+        raise EdgeRuntimeError(f"unknown engine {engine!r}; choose {', '.join(ENGINE_CHOICES)}")
     if precision not in ("fp32", "low"):
         raise EdgeRuntimeError(f"unknown precision {precision!r}; choose fp32 or low")
     if winograd not in WINOGRAD_LEVEL:
@@ -46,10 +55,9 @@ def load(path: str | os.PathLike, backend: str = "auto", threads: int = 1,
         raise EdgeRuntimeError(f"threads must be a positive integer, got {threads!r}")
     if not os.path.isfile(path):
         raise EdgeRuntimeError(f"{path}: no such model file")
-    backend = BACKEND_ALIASES[backend]
-    threads = capped_threads(threads, backend)
-    engine = ENGINES[backend](path, threads, precision, winograd)
-    predictor = Predictor(engine, path)
+    engine = ENGINE_ALIASES[engine]
+    threads = capped_threads(threads, engine)
+    predictor = Predictor(ENGINES[engine](path, threads, precision, winograd), path)
     predictor.threads = threads
     return predictor
 
@@ -72,7 +80,7 @@ def capped_threads(threads: int, backend: str) -> int:
         warnings.warn(f"threads={threads} is above the {cpus} usable CPUs; onnxruntime capped to {cpus} "
                       "(oversubscribed it runs up to 100x slower)", RuntimeWarning, stacklevel=3)
         return cpus
-    warnings.warn(f"threads={threads} is above the {cpus} usable CPUs; expect MNN to run slower than with "
+    warnings.warn(f"threads={threads} is above the {cpus} usable CPUs; expect {backend} to run slower than with "
                   f"{cpus}", RuntimeWarning, stacklevel=3)
     return threads
 

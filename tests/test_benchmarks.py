@@ -187,11 +187,13 @@ def test_quick_run_writes_results_report_plots_and_recommendation(quick_run):
     r = results["models"]["fasternet_t0"]
     assert r["baseline"] == "split_cat-fc" and list(r["forms"]) == ["split_cat-fc", "slicing-conv"]
     assert r["img_size"] == 64
-    for engine in ("torch", "ort", "mnn"):
+    for engine in ("torch", "ort", "mnn", "openvino"):
         rows = r["timings"][engine]["1"]
         assert set(rows) == set(r["forms"])
         assert all(ROW_KEYS <= set(row) for row in rows.values())
         assert rows["split_cat-fc"]["ratio"] == 1.0 and rows["slicing-conv"]["iters"] == 2
+        # the runtime's engines ran in the same rounds: each form has a paired ratio to ORT on that form
+        assert all(("vs_ort" in row) == (engine in ("mnn", "openvino")) for row in rows.values())
     # the exported artifacts compute what PyTorch computes (else their timings mean nothing)
     assert all(err < 1e-3 for errs in r["max_rel_err"].values() for err in errs.values())
     assert r["forms"]["slicing-conv"]["macs"] > 0
@@ -204,6 +206,10 @@ def test_quick_run_writes_results_report_plots_and_recommendation(quick_run):
     pconv, mlp, _ = pipeline.resolve_forms("fasternet_t0", "auto", "auto", path=out / "recommendation.json")
     assert {"pconv": pconv, "mlp": mlp} == rec["by_model"]["fasternet_t0"]
     assert rec["basis"]["fasternet_t0"]["engine"] == "mnn"
+    fastest = rec["fastest_engine"]["fasternet_t0"]
+    timings = r["timings"][fastest["engine"]]["1"]
+    assert fastest["median_ms"] == timings[fastest["form"]]["median_ms"] == min(
+        row["median_ms"] for e in ("ort", "mnn", "openvino") for row in r["timings"][e]["1"].values())
 
 
 @pytest.mark.slow
@@ -241,7 +247,8 @@ def test_quick_run_times_fp16_and_int8_weight_files_against_fp32(quick_run):
     _, out, _ = quick_run
     r = json.loads((out / "results.json").read_text())["precision"]["fasternet_t0"]
     assert {e: list(rows) for e, rows in r["timings"].items()} == {
-        "ort": ["ort"], "mnn": ["mnn_fp32", "mnn_fp16w", "mnn_int8w"]}  # --quick leaves calibrated int8 out
+        "ort": ["ort"], "mnn": ["mnn_fp32", "mnn_fp16w", "mnn_int8w"],
+        "openvino": ["openvino"]}  # --quick leaves calibrated int8 out
     for rows in r["timings"].values():
         base = next(iter(rows.values()))
         assert base["ratio"] == 1.0 and base["compute"] == "fp32"

@@ -370,7 +370,7 @@ def test_bad_model_files_are_one_line_errors(artifacts, tmp_path, capfd):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"backend": "tensorrt"}, "unknown backend"), ({"precision": "fp8"}, "unknown precision"),
+    ({"backend": "tensorrt"}, "unknown engine"), ({"precision": "fp8"}, "unknown precision"),
     ({"threads": 0}, "threads"), ({"backend": "onnxruntime", "precision": "low"}, "MNN option"),
     ({"winograd": "F63"}, "unknown winograd"), ({"backend": "onnxruntime", "winograd": "fast"}, "MNN option"),
 ])

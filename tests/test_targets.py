@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_records_are_consistent():
     names = [t.name for t in targets.TARGETS]
     assert len(names) == len(set(names))
-    runs = [(t.file, t.precision) for t in targets.ARTIFACTS]
+    runs = [(t.file, t.engine, t.precision) for t in targets.ARTIFACTS]  # another engine is another way
     assert len(runs) == len(set(runs)), "two targets run the same file the same way"
     for t in targets.ARTIFACTS:
         assert t.made_from in names or t.made_from == "reference"
         assert t.gates and all(v >= 0 for v in t.gates.values())
         assert targets.producer(t).produce in PRODUCERS  # every shipped file has a maker
-        assert targets.for_file(t.file, t.precision) is t
+        assert targets.for_file(t.file, t.precision, t.engine) is t
     with pytest.raises(TypeError):
         targets.get("ort").gates["max_rel"] = 1.0  # frozen: nobody loosens a gate in place
 
