@@ -183,16 +183,14 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
         for w in record.get("calibration", {}).get("warnings", []):
             console.print(f"  [yellow]warning:[/yellow] {name}: {w}")
         if record.get("not_shipped"):
-            console.print(f"  [yellow]not shipped:[/yellow] {name} misses its gate against the float model "
-                          f"({record['not_shipped']}; best candidate: {len(record.get('kept_in_float') or [])} "
-                          f"layer(s) in float); --calib DIR with your own images may help, and --targets "
-                          f"...,{name} makes it a required target")
+            _not_shipped(console, name, record)
         elif record.get("kept_in_float"):
             console.print(f"  {name}: {len(record['kept_in_float'])} layer(s) kept in float")
     for w in built["onnx"]["lint"] + _ignored_options(opts, meta):
         console.print(f"  [yellow]warning:[/yellow] {w}")
 
-    parity = _parity(opts, build, reference, inference, meta, steps, build / LOG)
+    parity = _parity(opts, build, reference, inference, meta, steps, build / LOG, optional)
+    opts = replace(opts, targets=_drop_not_shipped(build, built, parity.get("not_shipped", {}), console))
     if "ort" not in built["targets"]:
         (build / "model.onnx").unlink()
 
@@ -240,7 +238,30 @@ def _ignored_options(opts: ExportOptions, meta: dict) -> list[str]:
             if given != "auto" and meta[key] is None]
 
 
-def _parity(opts, build, reference, inference, meta, steps: Steps, log) -> dict:
+def _not_shipped(console: Console, name: str, record: dict) -> None:
+    kept = record.get("kept_in_float")
+    fallback = f"; the int8 search kept {len(kept)} layer(s) in float" if kept is not None else ""
+    console.print(f"  [yellow]not shipped:[/yellow] {name} ({record['not_shipped']}{fallback}); it is optional "
+                  f"here, so the export's status comes from the other targets; --calib DIR with your own images "
+                  f"may help, and --targets ...,{name} makes it a required target")
+
+
+def _drop_not_shipped(build: Path, built: dict, verdicts: dict, console: Console) -> tuple[str, ...]:
+    """The optional targets the final parity verdict breached (`verdicts`: {target: breach lines}): their files
+    deleted, their records marked "not_shipped" with those breaches, left out of built["targets"]."""
+    for name, lines in verdicts.items():
+        record = built["records"].setdefault(name, {})
+        record["not_shipped"] = "; ".join(lines)
+        _not_shipped(console, name, record)
+    built["targets"] = [t for t in built["targets"] if t not in verdicts]
+    kept_files = {targets.get(t).file for t in built["targets"]}
+    for name in verdicts:
+        if targets.get(name).file not in kept_files:
+            (build / targets.get(name).file).unlink(missing_ok=True)
+    return tuple(built["targets"])
+
+
+def _parity(opts, build, reference, inference, meta, steps: Steps, log, optional=frozenset()) -> dict:
     if not opts.parity:
         steps.note("[yellow]parity gate skipped (--no-parity)[/yellow]")
         return {"status": "skipped", "reason": "--no-parity"}
@@ -249,7 +270,10 @@ def _parity(opts, build, reference, inference, meta, steps: Steps, log) -> dict:
         steps.note(f"[yellow]parity gate not available: {why}[/yellow]")
         return {"status": "skipped", "reason": f"parity gate not available: {why}"}
     with steps.step("parity gate"), redirect_fds(log, not opts.verbose):
-        result = run_parity(build, reference, inference, meta, opts.gates, target_names=opts.targets)
+        result = run_parity(build, reference, inference, meta, opts.gates, target_names=opts.targets,
+                            optional=frozenset(optional) & set(opts.targets))
     for breach in result.get("breaches", []):
         steps.note(f"[red]breach:[/red] {breach}")
+    for breach in (line for lines in result.get("not_shipped", {}).values() for line in lines):
+        steps.note(f"[yellow]breach (optional target, not shipped):[/yellow] {breach}")
     return {"status": "passed" if result["passed"] else "failed", **result}
