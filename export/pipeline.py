@@ -190,7 +190,10 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
         console.print(f"  [yellow]warning:[/yellow] {w}")
 
     parity = _parity(opts, build, reference, inference, meta, steps, build / LOG, optional)
-    opts = replace(opts, targets=_drop_not_shipped(build, built, parity.get("not_shipped", {}), console))
+    verdicts = parity.get("not_shipped", {})
+    if parity["status"] == "skipped":  # no final verdict: nothing optional has been passed by one
+        verdicts = {t: [f"{t}: not judged ({parity['reason']})"] for t in sorted(optional & set(opts.targets))}
+    opts = replace(opts, targets=_drop_not_shipped(build, built, verdicts, console))
     if "ort" not in built["targets"]:
         (build / "model.onnx").unlink()
 
