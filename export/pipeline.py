@@ -174,10 +174,14 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
                   f"(input {meta['input_shape']}, pconv={meta['pconv']}, mlp={meta['mlp']})")
     trained = not source["calibrated"]
     optional = frozenset() if opts.targets else targets.optional_targets(meta["task"], trained)
-    opts = replace(opts, targets=opts.targets or targets.default_targets(meta["task"], trained))
+    unjudged = optional if not opts.parity else frozenset()  # no verdict will pass them: not built at all
+    opts = replace(opts, targets=tuple(t for t in opts.targets or targets.default_targets(meta["task"], trained)
+                                       if t not in unjudged))
     built = build_artifact(inference, meta, build, opts.targets, opset=opts.opset, exporter=opts.exporter,
                            simplifier=opts.simplifier, log=build / LOG, verbose=opts.verbose, calib_dir=opts.calib,
                            int8_mnn_method=opts.int8_mnn, optional=optional, step=steps.step)
+    for name in sorted(unjudged):
+        built["records"][name] = {"not_shipped": f"{name}: not built: --no-parity leaves no final verdict to pass it"}
     opts = replace(opts, targets=tuple(built["targets"]))
     for name, record in built["records"].items():
         for w in record.get("calibration", {}).get("warnings", []):
