@@ -36,7 +36,8 @@ class Target:
     default: bool = True       # part of every export unless --targets says otherwise
     for_detectors: bool = True  # with `default`: part of a detector's default export too
     default_when_trained: bool = False  # part of the default when the export has real weights (--weights),
-                                        # shipped only if its own gate passes (export.build `optional`)
+                                        # shipped only if the final parity verdict passes it
+                                        # (export.parity.run_parity `optional`)
     bisect: str = "onnx"       # how a breach is localised: "torch" (module hooks), "onnx" (graph probes), "none"
     compute: str = field(default="fp32")  # arithmetic the file asks for: fp32 | fp16 | int8 (ARM harness)
     gelu: str = "erf"          # GELU in the file: "erf" (as exported), an exact lowering of export.gelu
@@ -115,7 +116,7 @@ def default_targets(task: str = "classification", trained: bool = False) -> tupl
 
 
 def optional_targets(task: str = "classification", trained: bool = False) -> frozenset[str]:
-    """The targets the default adds for real weights: shipped only when their own gate passes."""
+    """The targets the default adds for real weights: shipped only when the final parity verdict passes them."""
     return frozenset(default_targets(task, trained)) - frozenset(default_targets(task))
 
 
