@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; a detector leaves out " + ",".join(sorted(set(targets.DEFAULT_TARGETS)
                                                                       - set(targets.default_targets("detection"))))
                         + "; with --weights, except for a detector, also " + ",".join(sorted(targets.optional_targets(
-                            trained=True))) + ", each shipped only if it passes its gate)")
+                            trained=True))) + ", each shipped only if the final parity verdict passes it)")
     p.add_argument("--calib", metavar="DIR",
                    help="int8 targets: calibrate on these images (recursively; 300+ like the deployment's "
                         "recommended; default: the bundled sample photos, augmented, which is weaker)")

@@ -112,8 +112,10 @@ def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.D
     embedded), then produce every selected target's file from it. model.onnx is always written: every other
     file derives from it and bisection reads it. Returns {"targets": [...], "records": {target: what its
     producer decided, e.g. int8 layers kept in float}, "onnx": {...op histograms, lint}}.
-    `optional`: targets shipped only when their producer's own gate passes (int8 against the float model);
-    one that misses is deleted, left out of "targets", and its record says why ("not_shipped").
+    `optional`: targets whose producer may fail without failing the build: one that raises is left out of
+    "targets" with no file, and its record says why ("not_shipped"). Whether an optional target that was built
+    is shipped is the final parity verdict's decision (export.pipeline), not its producer's: a producer's own
+    gate (int8 against the float model) only steers its search.
     Raises EdgeportError when a step fails."""
     step = step or (lambda name: nullcontext())
     chosen = targets.select(target_names)
@@ -155,11 +157,8 @@ def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.D
                     except EdgeportError as e:
                         if target.name not in optional:
                             raise
-                        ctx.records.setdefault(target.name, {})["fallback_breaches"] = [f"{target.name}: {e}"]
-                missed = ctx.records.get(target.name, {}).get("fallback_breaches")
-                if target.name in optional and missed:
-                    ctx.path(target.file).unlink(missing_ok=True)
-                    ctx.records[target.name]["not_shipped"] = "; ".join(missed)
+                        ctx.path(target.file).unlink(missing_ok=True)
+                        ctx.records.setdefault(target.name, {})["not_shipped"] = f"{target.name}: {e}"
     finally:
         if "scratch" in ctx.__dict__:
             shutil.rmtree(ctx.scratch, ignore_errors=True)

@@ -21,7 +21,7 @@ from .parity import HELD_OUT_DESCRIPTION
 def _float_outputs(onnx_path: Path, x: np.ndarray) -> dict:
     import runtime
 
-    predictor = runtime.load(onnx_path, backend="onnxruntime")
+    predictor = runtime.load(onnx_path, backend="onnxruntime", threads=1)
     return _batched(predictor, x)
 
 
@@ -47,7 +47,6 @@ def _record(ctx, target, found, info: dict, **extra) -> None:
 def produce_ort_int8(ctx, target) -> None:
     """model.int8.onnx: QDQ (per-channel int8 weights, uint8 activations), ranges from the calibration set."""
     import onnx
-    import onnxruntime as ort
 
     from .onnx_export import set_metadata
 
@@ -61,9 +60,7 @@ def produce_ort_int8(ctx, target) -> None:
             return quantize.ort_int8(float_model, calib, exclude=exclude, cache=cache)
 
         def outputs(model):
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            session = quantize.ort_session(model)
             names = [o.name for o in session.get_outputs()]
             rows = [session.run(names, {session.get_inputs()[0].name: x[i:i + 1]}) for i in range(len(x))]
             return {n: np.concatenate([r[k] for r in rows]) for k, n in enumerate(names)}
@@ -105,7 +102,7 @@ def produce_mnn_int8(ctx, target) -> None:
         config = {"feature_quantize_method": method}
         quantize.mnn_int8(ctx.onnx_path, out, calib, biz, config, skip=skip, log_path=ctx.log)
         on_disk[:] = [(method, list(skip))]
-        return _judge(target, ctx, _batched(runtime.load(out), x))[0]
+        return _judge(target, ctx, _batched(runtime.load(out, threads=1), x))[0]
 
     tried: dict[str, dict | str] = {}  # method → its all-int8 metrics, or why it failed
     methods = quantize.MNN_AUTO_ORDER if ctx.int8_mnn_method == "auto" else (ctx.int8_mnn_method,)

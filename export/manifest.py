@@ -80,8 +80,9 @@ def _record_lines(record: dict) -> list[str]:
     if record.get("fallback_stopped"):
         lines.append(f"- fallback stopped at its {record['fallback_stopped']}")
     if record.get("not_shipped"):
-        lines.append("- **not shipped**: an optional default target (real weights) ships only when its gate "
-                     "passes; `--targets` with its name makes it required")
+        lines.append(f"- **not shipped** ({record['not_shipped']}): an optional default target (real weights) "
+                     "ships only when the final parity verdict passes it; `--targets` with its name makes it "
+                     "required")
     lines.append(f"- judged on: {record.get('evaluated_on')}")
     return lines
 

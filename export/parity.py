@@ -28,6 +28,7 @@ from runtime.cli import OneLineParser
 from runtime.engines import stdout_silenced
 
 from . import targets
+from .detection_parity import NOISE_FACTOR
 from .inputs import sample_batch
 from .tables import markdown_table
 
@@ -84,17 +85,25 @@ def _torch_outputs(model, x: np.ndarray, names: list[str], chunk: int = 4, dtype
     return {n: np.concatenate([p[i] for p in parts]) for i, n in enumerate(names)}
 
 
-def _fp64_noise(reference, x: np.ndarray, ref_out: dict, names: list[str]) -> dict | None:
-    """max_rel of the fp32 reference against the same network in float64: the rounding noise every fp32
-    backend starts from. Gates far below it cannot be met by any fp32 implementation."""
+def _fp64_outputs(reference, x: np.ndarray, names: list[str]) -> dict | None:
+    """The same network in float64 on `x`: what the fp32 reference's own rounding noise is measured against
+    (every fp32 backend starts from that noise; gates far below it cannot be met by any fp32 implementation)."""
     import torch
 
     try:
         ref64 = copy.deepcopy(reference).double()
-        out64 = _torch_outputs(ref64, x.astype(np.float64), names, dtype=torch.float64)
+        return _torch_outputs(ref64, x.astype(np.float64), names, dtype=torch.float64)
     except Exception:  # a module that cannot run in float64: no noise floor, nothing else lost
         return None
-    return {n: max_rel(out64[n], ref_out[n]) for n in names}
+
+
+def _detection_noise(ref: dict, ref64: dict | None, meta: dict) -> dict | None:
+    """A detector's raw-output error of its own fp32 reference against float64 (box_px, score), or None."""
+    if meta.get("task") != "detection" or ref64 is None:
+        return None
+    from .detection_parity import raw_errors
+
+    return raw_errors(ref64, ref)
 
 
 def _runtime_outputs(path: Path, backend: str, precision: str, x: np.ndarray, names: list[str]) -> dict:
@@ -180,15 +189,17 @@ def target_outputs(target: targets.Target, path: Path, x: np.ndarray, meta: dict
 
 
 def judge(target: str, ref: dict, out: dict, gates: dict, classifier: bool,
-          meta: dict | None = None) -> tuple[dict, list[str]]:
+          meta: dict | None = None, noise: dict | None = None) -> tuple[dict, list[str]]:
     """The parity definition: ({output: metrics}, breach lines) of `out` against `ref` under `gates`
     ({metric: threshold}). Used on the host (run_parity) and under ARM emulation (benchmarks.arm.parity).
 
-    A detector (meta task "detection") is judged by export.detection_parity instead: box error in pixels, score
-    error and the same detections after NMS, under `detection_gates(target, gates)`; its outputs' raw metrics
-    are reported beside ("detections" holds the judged ones)."""
+    A detector (meta task "detection") is judged by export.detection_parity instead: first its raw outputs per
+    anchor before NMS (box error in pixels, score error) under `detection_gates(target, gates)`, each gate
+    raised to NOISE_FACTOR x the reference's own fp32 rounding error on the same inputs when `noise` gives it
+    (run_parity measures it against float64); then after NMS only the detections that a clear score margin
+    makes decidable. Its outputs' generic metrics are reported beside ("detections" holds the judged ones)."""
     if (meta or {}).get("task") == "detection":
-        return _judge_detection(target, ref, out, gates, meta)
+        return _judge_detection(target, ref, out, gates, meta, noise)
     metrics, breaches = {}, []
     for name, r in ref.items():
         if name not in out:
@@ -199,21 +210,22 @@ def judge(target: str, ref: dict, out: dict, gates: dict, classifier: bool,
     return metrics, breaches
 
 
-def _judge_detection(target, ref, out, gates, meta):
-    from .detection_parity import check_detection_gates, compare_detections, detection_gates
+def _judge_detection(target, ref, out, gates, meta, noise=None):
+    from .detection_parity import check_detection_gates, compare_detections, detection_gates, with_noise_floor
 
     missing = [n for n in ref if n not in out]
     if missing:
         return {}, [f"{target}: output '{n}' missing" for n in missing]
     metrics = {n: compare(r, out[n], classifier=False) for n, r in ref.items()}
-    gates = detection_gates(target, gates)
+    gates = with_noise_floor(detection_gates(target, gates), noise)
     metrics["detections"] = compare_detections(ref, out, meta, score_margin=gates.get("score", 0.0))
+    metrics["detections"]["gates"] = gates
     return metrics, check_detection_gates(metrics["detections"], gates, target)
 
 
 def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict | None = None,
                n_images: int = 16, bisect: bool = True, bisect_budget: float = 300.0,
-               write: bool = True, target_names=None) -> dict:
+               write: bool = True, target_names=None, optional=frozenset()) -> dict:
     """Compare every artifact target in `artifact_dir` (and the PyTorch inference form) against `reference` on
     the same inputs; write artifact_dir/parity.json and return {"passed", "breaches", "gates", "results",
     "markdown", "inputs", ...}. results = {target: {output_name: metrics}}.
@@ -221,7 +233,11 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
     `target_names`: the targets the directory must hold (a missing file is a breach); None: whichever
     targets' files are present (the others are listed in "skipped"). On a breach, "bisection" holds the first
     diverging layer per breached target (bounded by `bisect_budget` seconds each). `write=False` leaves
-    parity.json alone."""
+    parity.json alone.
+
+    `optional`: targets this verdict decides to ship or not (export.targets.optional_targets): their breaches
+    go to "not_shipped" ({target: breach lines}) instead of "breaches", so they never fail the result; the
+    caller deletes their files. Every other target is required: any breach fails."""
     artifact_dir = Path(artifact_dir)
     gates = merge_gates(gates)
     if n_images < 1:
@@ -238,7 +254,8 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
                              "seeded N(0, 1) tensors (export.inputs.sample_batch)"}
 
     outputs = {"reference": reference_outputs(reference, x, meta)}
-    noise = _fp64_noise(reference, x, outputs["reference"], names)
+    reference64 = _fp64_outputs(reference, x, names)
+    noise = None if reference64 is None else {n: max_rel(reference64[n], outputs["reference"][n]) for n in names}
     sources, skipped, errors = {targets.INFERENCE: targets.get(targets.INFERENCE).description}, {}, {}
     if inference is not None:
         outputs[targets.INFERENCE] = _torch_outputs(inference.eval(), x, names)
@@ -270,19 +287,25 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
         except Exception as e:  # any failure to load or run is a failure to prove parity
             errors[target.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
-    results, breaches, breached = {}, [], []
+    results, breaches, breached, not_shipped = {}, [], [], {}
+    det_noise = _detection_noise(outputs["reference"], reference64, meta)
     for target in targets.TARGETS:
         backend = target.name
-        if backend in errors:
-            breaches.append(f"{backend}: failed to run ({errors[backend]})")
-        if backend not in outputs:
+        lines = [f"{backend}: failed to run ({errors[backend]})"] if backend in errors else []
+        if backend in outputs:
+            held_out = target.inputs == "held_out"
+            ref = outputs["reference@held_out" if held_out else "reference"]
+            results[backend], judged = judge(backend, ref, outputs[backend], gates[backend], classifier, meta,
+                                             noise=None if held_out else det_noise)
+            lines += judged
+            if target.engine == "mnn":
+                lines += approximate_gelu(target, artifact_dir / target.file)
+        if backend in optional:
+            if lines:
+                not_shipped[backend] = lines
             continue
-        ref = outputs["reference@held_out" if target.inputs == "held_out" else "reference"]
-        results[backend], lines = judge(backend, ref, outputs[backend], gates[backend], classifier, meta)
-        if target.engine == "mnn":
-            lines += approximate_gelu(target, artifact_dir / target.file)
         breaches += lines
-        if lines:
+        if lines and backend in outputs:
             breached.append(backend)
     degenerate = _degenerate(outputs["reference"])
     if degenerate:
@@ -329,8 +352,10 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
         "skipped": skipped,
         "inputs": inputs,
         "reference_fp64_max_rel": noise,
+        "detection_noise": det_noise,
         "precision_low": precision_low,
         "bisection": bisection,
+        "not_shipped": not_shipped,
         "notes": notes,
         "versions": _versions(),
     }
@@ -430,19 +455,24 @@ def to_markdown(result: dict) -> str:
                              "top5", "NaN/Inf", "gate"], rows)
     detections = {b: r["detections"] for b, r in result["results"].items() if "detections" in r}
     if detections:
-        lines += ["", "Detections (gated: box error in input pixels over anchors scoring ≥ 0.01, score error, "
-                  "after NMS: unmatched detections, class mismatches, min IoU of matched pairs; not gated: "
-                  "borderline = on one side only because of a score or IoU within the target's score gate "
-                  "(≥ 0.01) / 0.02 of an NMS threshold or of a rival's score, swapped = two overlapping anchors "
-                  "with tied scores kept the other way round):", ""]
+        floor = result.get("detection_noise")
+        noise = (f"; the fp32 reference itself is {floor['box_px']:.3g} px and {floor['score']:.3g} in score from "
+                 f"float64, so those gates are at least {NOISE_FACTOR:g}x that") if floor else ""
+        lines += ["", "Detections (gated before NMS: box error in input pixels over anchors scoring ≥ 0.01 and "
+                  f"score error, per anchor{noise}; after NMS, over the detections a clear score margin decides "
+                  "(judged): unmatched, class mismatches, min IoU; not gated: borderline = on one side only "
+                  "without a clear margin, swapped = two overlapping tied anchors kept the other way round):", ""]
         lines += markdown_table(
-            ["target", "box_px", "score", "ref dets", "matched", "unmatched", "borderline", "swapped", "class ≠",
+            ["target", "box_px", "score", "ref dets", "judged", "unmatched", "borderline", "swapped", "class ≠",
              "min IoU", "gate"],
-            [[b, _fmt(m["box_px"]), _fmt(m["score"]), str(m["detections_ref"]), str(m["matched"]),
+            [[b, _fmt(m["box_px"]), _fmt(m["score"]), str(m["detections_ref"]), str(m.get("judged", "–")),
               str(m["unmatched"]), str(m["borderline"]), str(m.get("swapped", 0)), str(m["class_mismatch"]),
-              f"{m['min_iou']:.4f}", gate_text(result["gates"][b])] for b, m in detections.items()])
+              f"{m['min_iou']:.4f}", gate_text(m.get("gates") or result["gates"][b])]
+             for b, m in detections.items()])
     for backend, why in result["skipped"].items():
         lines.append(f"\nSkipped {backend}: {why}.")
+    for backend, why in result.get("not_shipped", {}).items():
+        lines.append(f"\nNot shipped {backend} (optional target, breached the final verdict): {'; '.join(why)}.")
     for note in result["notes"]:
         lines.append(f"\nNote: {note}.")
     if result["breaches"]:

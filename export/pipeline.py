@@ -250,25 +250,30 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
                   f"(input {meta['input_shape']}, pconv={meta['pconv']}, mlp={meta['mlp']})")
     trained = not source["calibrated"]
     optional = frozenset() if opts.targets else targets.optional_targets(meta["task"], trained)
-    opts = replace(opts, targets=opts.targets or targets.default_targets(meta["task"], trained))
+    unjudged = optional if not opts.parity else frozenset()  # no verdict will pass them: not built at all
+    opts = replace(opts, targets=tuple(t for t in opts.targets or targets.default_targets(meta["task"], trained)
+                                       if t not in unjudged))
     built = build_artifact(inference, meta, build, opts.targets, opset=opts.opset, exporter=opts.exporter,
                            simplifier=opts.simplifier, log=build / LOG, verbose=opts.verbose, calib_dir=opts.calib,
                            int8_mnn_method=opts.int8_mnn, optional=optional, step=steps.step)
+    for name in sorted(unjudged):
+        built["records"][name] = {"not_shipped": f"{name}: not built: --no-parity leaves no final verdict to pass it"}
     opts = replace(opts, targets=tuple(built["targets"]))
     for name, record in built["records"].items():
         for w in record.get("calibration", {}).get("warnings", []):
             console.print(f"  [yellow]warning:[/yellow] {name}: {w}")
         if record.get("not_shipped"):
-            console.print(f"  [yellow]not shipped:[/yellow] {name} misses its gate against the float model "
-                          f"({record['not_shipped']}; best candidate: {len(record.get('kept_in_float') or [])} "
-                          f"layer(s) in float); --calib DIR with your own images may help, and --targets "
-                          f"...,{name} makes it a required target")
+            _not_shipped(console, name, record)
         elif record.get("kept_in_float"):
             console.print(f"  {name}: {len(record['kept_in_float'])} layer(s) kept in float")
     for w in built["onnx"]["lint"] + _ignored_options(opts, meta):
         console.print(f"  [yellow]warning:[/yellow] {w}")
 
-    parity = _parity(opts, build, reference, inference, meta, steps, build / LOG)
+    parity = _parity(opts, build, reference, inference, meta, steps, build / LOG, optional)
+    verdicts = parity.get("not_shipped", {})
+    if parity["status"] == "skipped":  # no final verdict: nothing optional has been passed by one
+        verdicts = {t: [f"{t}: not judged ({parity['reason']})"] for t in sorted(optional & set(opts.targets))}
+    opts = replace(opts, targets=_drop_not_shipped(build, built, verdicts, console))
     accuracy = _accuracy(opts, build, built, optional, steps)
     if accuracy.get("breaches"):
         parity = {**parity, "status": "failed", "breaches": [*parity.get("breaches", []), *accuracy["breaches"]]}
@@ -320,7 +325,30 @@ def _ignored_options(opts: ExportOptions, meta: dict) -> list[str]:
             if given != "auto" and meta[key] is None]
 
 
-def _parity(opts, build, reference, inference, meta, steps: Steps, log) -> dict:
+def _not_shipped(console: Console, name: str, record: dict) -> None:
+    kept = record.get("kept_in_float")
+    fallback = f"; the int8 search kept {len(kept)} layer(s) in float" if kept is not None else ""
+    console.print(f"  [yellow]not shipped:[/yellow] {name} ({record['not_shipped']}{fallback}); it is optional "
+                  f"here, so the export's status comes from the other targets; --calib DIR with your own images "
+                  f"may help, and --targets ...,{name} makes it a required target")
+
+
+def _drop_not_shipped(build: Path, built: dict, verdicts: dict, console: Console) -> tuple[str, ...]:
+    """The optional targets the final parity verdict breached (`verdicts`: {target: breach lines}): their files
+    deleted, their records marked "not_shipped" with those breaches, left out of built["targets"]."""
+    for name, lines in verdicts.items():
+        record = built["records"].setdefault(name, {})
+        record["not_shipped"] = "; ".join(lines)
+        _not_shipped(console, name, record)
+    built["targets"] = [t for t in built["targets"] if t not in verdicts]
+    kept_files = {targets.get(t).file for t in built["targets"]}
+    for name in verdicts:
+        if targets.get(name).file not in kept_files:
+            (build / targets.get(name).file).unlink(missing_ok=True)
+    return tuple(built["targets"])
+
+
+def _parity(opts, build, reference, inference, meta, steps: Steps, log, optional=frozenset()) -> dict:
     if not opts.parity:
         steps.note("[yellow]parity gate skipped (--no-parity)[/yellow]")
         return {"status": "skipped", "reason": "--no-parity"}
@@ -329,9 +357,12 @@ def _parity(opts, build, reference, inference, meta, steps: Steps, log) -> dict:
         steps.note(f"[yellow]parity gate not available: {why}[/yellow]")
         return {"status": "skipped", "reason": f"parity gate not available: {why}"}
     with steps.step("parity gate"), redirect_fds(log, not opts.verbose):
-        result = run_parity(build, reference, inference, meta, opts.gates, target_names=opts.targets)
+        result = run_parity(build, reference, inference, meta, opts.gates, target_names=opts.targets,
+                            optional=frozenset(optional) & set(opts.targets))
     for breach in result.get("breaches", []):
         steps.note(f"[red]breach:[/red] {breach}")
+    for breach in (line for lines in result.get("not_shipped", {}).values() for line in lines):
+        steps.note(f"[yellow]breach (optional target, not shipped):[/yellow] {breach}")
     return {"status": "passed" if result["passed"] else "failed", **result}
 
 

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -28,8 +27,10 @@ from runtime.atomic import write_atomic
 from . import mnn_convert
 
 FALLBACK_LIMIT = 0.10  # at most this fraction of the quantisable layers is kept in float
-# ... and the search stops after this long (efficientnetv2_s at 384²: ~4 min per MNN candidate, 10+ candidates)
-FALLBACK_BUDGET_S = 1800.0
+# ... and at most this many fallback candidates are built (after the all-int8 one). A count, not a time budget:
+# the same command must give the same file on a fast idle host and a slow busy one. Doubling reaches 2^5 = 32
+# layers in 6 candidates (efficientnetv2_s needed 16, the 5th); each MNN candidate costs ~4 min there.
+FALLBACK_MAX_CANDIDATES = 6
 QUANTISED_OPS = ("Conv", "MatMul", "Gemm")  # the layers the fallback ranks and may keep in float
 # MNN: KL (histogram, scales per tensor) held the gates where EMA did not; see README "int8".
 MNN_CONFIG = {"feature_quantize_method": "KL", "weight_quantize_method": "MAX_ABS"}
@@ -70,6 +71,44 @@ class _Reader:
         return len(self.calib)
 
 
+def ort_session(model, log_severity: int = 3):
+    """An ONNX Runtime CPU session (ModelProto, bytes or path) with one intra- and one inter-op thread, run
+    sequentially: every session of the int8 search is, so that a candidate's outputs (and the layers ranked and
+    kept from them) do not depend on the host's core count or load."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = log_severity
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    source = model.SerializeToString() if hasattr(model, "SerializeToString") else os.fspath(model) \
+        if isinstance(model, os.PathLike) else model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def _single_threaded_calibration():
+    """quantize_static's calibrator builds its own session with default options (every core) and no way to pass
+    any: its session factory is replaced, for this call only, by one with ort_session's thread settings."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.calibrate import CalibraterBase
+
+    def create_inference_session(self):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.infer_session = ort.InferenceSession(self.augmented_model_path, sess_options=options,
+                                                  providers=self.execution_providers)
+
+    original = CalibraterBase.create_inference_session
+    CalibraterBase.create_inference_session = create_inference_session
+    try:
+        yield
+    finally:
+        CalibraterBase.create_inference_session = original
+
+
 @contextlib.contextmanager
 def _quiet_root_logger():
     """quantize_static logs advice ("consider pre-processing") on the root logger at every call."""
@@ -99,7 +138,7 @@ def ort_int8(onnx_model, calib: np.ndarray, method: str = ORT_METHOD, exclude: S
         out, src = Path(tmp) / "quantised.onnx", Path(tmp) / "float.onnx"
         onnx.save_model(onnx_model, str(src))  # quantize_static rewrites a ModelProto it is given in place
         reader = None if cache and Path(cache).is_file() else _Reader(input_name, calib)
-        with _quiet_root_logger():
+        with _quiet_root_logger(), _single_threaded_calibration():
             quantize_static(src, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod[method], nodes_to_exclude=list(exclude),
@@ -155,6 +194,11 @@ def _why(returncode: int) -> str:
 # The quantiser crashes the process on some graphs (e.g. a segfault on exact-erf GELU), and reports success
 # whatever happened: it runs in a child interpreter, through the same _tools entry point.
 _QUANT_CHILD = "import sys, _tools; _tools.mnnquant(sys.argv[1:])"
+# The quantiser takes no thread option (its sessions use MNN's default of 4) and _tools is built with OpenMP:
+# dynamic OpenMP teams would let the host's load change how work is split, so the child runs with a fixed
+# team; the hash seed pins anything the child does in Python. (Its calibration samples are read in directory
+# order: the same names written in the same order, see _write_sequence.)
+_QUANT_ENV = {"OMP_DYNAMIC": "FALSE", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
 def mnn_int8(onnx_path, out, calib: np.ndarray, biz_code: str, config: dict | None = None,
@@ -181,7 +225,8 @@ def mnn_int8(onnx_path, out, calib: np.ndarray, biz_code: str, config: dict | No
         quantised = tmp / "quantised.mnn"
         with open(log_path, "ab") as log:
             done = subprocess.run([sys.executable, "-c", _QUANT_CHILD, "quantized.out", str(float_mnn),
-                                   str(quantised), str(tmp / "quant.json")], stdout=log, stderr=log, cwd=tmp)
+                                   str(quantised), str(tmp / "quant.json")], stdout=log, stderr=log, cwd=tmp,
+                                  env={**os.environ, **_QUANT_ENV})
         if done.returncode or not quantised.is_file() or not quantised.stat().st_size:
             raise QuantiserFailed(_why(done.returncode), log_path)
         mnn_convert.make_uuid_deterministic(quantised)
@@ -208,30 +253,30 @@ def rank_sensitivity(layers: Sequence[str], evaluate_without: Callable[[list[str
     only that layer kept in float; harm is how much that improves the score over `baseline`."""
     base = score(baseline) if baseline else 0.0
     ranked = [(layer, score(evaluate_without([layer])) - base) for layer in layers]
-    return sorted(ranked, key=lambda r: -r[1])
+    return sorted(ranked, key=lambda r: -r[1])  # stable: ties keep graph order
 
 
 class Fallback(NamedTuple):
     kept: list[str]      # layers kept in float
     metrics: dict        # their metrics ({output: metrics})
     breaches: list[str]  # empty when the gates pass
-    stopped: str | None  # why the search ended without a pass ("limit ...", "time budget ..."), else None
+    stopped: str | None  # which limit ended the search without a pass ("layer limit ...", "candidate limit ..."),
+                         # else None
 
 
 def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict], breaches_of: Callable,
              limit: float = FALLBACK_LIMIT,
              ranked: list[tuple[str, float]] | Callable[[], list[tuple[str, float]]] | None = None,
-             budget_s: float = FALLBACK_BUDGET_S) -> Fallback:
-    """Keep layers in float, most harmful first, until the gates pass, `limit` of `layers` are kept, or the
-    search has run `budget_s` seconds. The kept set doubles (1, 2, 4, ... the limit): a candidate of a large
-    network costs minutes with MNN, and the harm is spread over many layers (efficientnetv2_s kept 16), so one
-    layer at a time would spend the budget before reaching them; the price is up to 2x the float layers
-    strictly needed. `ranked`: the order (or a function computing it, called only when the all-int8 candidate
-    misses the gates); default `rank_sensitivity`.
+             max_candidates: int = FALLBACK_MAX_CANDIDATES) -> Fallback:
+    """Keep layers in float, most harmful first, until the gates pass, `limit` of `layers` are kept, or
+    `max_candidates` fallback candidates were built. The kept set doubles (1, 2, 4, ... the limit): a candidate
+    of a large network costs minutes with MNN, and the harm is spread over many layers (efficientnetv2_s kept
+    16); the price is up to 2x the float layers strictly needed. `ranked`: the order (or a function computing
+    it, called only when the all-int8 candidate misses the gates); default `rank_sensitivity`. Ties in the
+    ranking keep the layers' graph order. Nothing here reads a clock: the same inputs give the same candidate.
 
     Returns the first candidate that passes, else the best one seen (possibly all-int8, with its breaches, and
-    why the search stopped); kept is empty when no fallback was needed."""
-    start = time.monotonic()
+    which limit stopped the search); kept is empty when no fallback was needed."""
     metrics = evaluate_without([])
     breaches = breaches_of(metrics)
     if not breaches:
@@ -240,13 +285,12 @@ def fallback(layers: Sequence[str], evaluate_without: Callable[[list[str]], dict
     ranked = ranked or rank_sensitivity(layers, evaluate_without, metrics)
     most = min(max(1, int(limit * len(layers))), len(ranked))
     sizes = [1 << i for i in range(most.bit_length()) if 1 << i < most] + [most] if most else []
-    best, tried = ([], metrics, breaches), 0
-    stopped = f"limit: {most} of {len(layers)} layers in float"
+    best = ([], metrics, breaches)
+    stopped = f"layer limit: {most} of {len(layers)} layers in float"
+    if len(sizes) > max_candidates:
+        sizes = sizes[:max_candidates]
+        stopped = f"candidate limit: {max_candidates} candidates (largest: {sizes[-1]} layer(s) in float)"
     for size in sizes:
-        if time.monotonic() - start > budget_s:
-            stopped = f"time budget: {budget_s:.0f} s (largest candidate tried: {tried} layer(s) in float)"
-            break
-        tried = size
         kept = [layer for layer, _ in ranked[:size]]
         metrics = evaluate_without(kept)
         breaches = breaches_of(metrics)
@@ -352,7 +396,6 @@ def ort_layer_errors(float_model, int8_model, x: np.ndarray, layers: Sequence[st
     Cosines are the worst per sample (models.metrics.compare), taken one sample at a time: holding every probed
     tensor of the whole batch does not fit in memory for a large network."""
     import onnx
-    import onnxruntime as ort
 
     def probes(model):  # node names survive quantisation; tensor names around a quantised node do not
         nodes = {n.name: n for n in model.graph.node}
@@ -363,14 +406,12 @@ def ort_layer_errors(float_model, int8_model, x: np.ndarray, layers: Sequence[st
         model = onnx.ModelProto.FromString(model.SerializeToString())
         known = {o.name for o in model.graph.output}
         model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in known)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        sess = ort_session(model)
         names = [o.name for o in sess.get_outputs()]
         return lambda sample: dict(zip(names, sess.run(None, {model.graph.input[0].name: sample})))
 
     fp, qp = probes(float_model), probes(int8_model)
-    common = fp.keys() & qp.keys()
+    common = [layer for layer in layers if layer in fp and layer in qp]  # graph order (a set's is per-process)
     run_float, run_int8 = session(float_model, fp), session(int8_model, qp)
     worst = {layer: [1.0, 1.0] for layer in common}  # [input cosine, output cosine]
     for i in range(len(x)):
@@ -380,4 +421,4 @@ def ort_layer_errors(float_model, int8_model, x: np.ndarray, layers: Sequence[st
                 cos = compare(ref[fp[layer][k]], q[qp[layer][k]])["cosine"]
                 worst[layer][k] = min(worst[layer][k], cos)
     ranked = [(layer, cos_in - cos_out) for layer, (cos_in, cos_out) in worst.items()]
-    return sorted(ranked, key=lambda r: -r[1])
+    return sorted(ranked, key=lambda r: -r[1])  # stable: ties keep graph order
