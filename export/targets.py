@@ -39,6 +39,8 @@ class Target:
     default_when_trained: bool = False  # part of the default when the export has real weights (--weights),
                                         # shipped only if the final parity verdict passes it
                                         # (export.parity.run_parity `optional`)
+    optional_for_detectors: bool = False  # in a detector's default export: shipped only if the final verdict
+                                          # passes it (a lossy copy of a file that ships anyway)
     bisect: str = "onnx"       # how a breach is localised: "torch" (module hooks), "onnx" (graph probes), "none"
     compute: str = field(default="fp32")  # arithmetic the file asks for: fp32 | fp16 | int8 (ARM harness)
     gelu: str = "erf"          # GELU in the file: "erf" (as exported), an exact lowering of export.gelu
@@ -83,7 +85,7 @@ TARGETS: tuple[Target, ...] = (
            "MNN, fp32, exact GELU (lowered to vectorised ops)", produce="mnn_fp32", gelu=EXACT_GELU),
     Target("mnn_fp16w", "model.fp16.mnn", "mnn", "fp32", "ort", _gates(max_rel=1e-2),
            "MNN, fp16-stored weights, fp32 arithmetic, MNN's tanh GELU", produce="mnn_fp16", gelu="tanh",
-           detection_gates=DET_FP16),
+           detection_gates=DET_FP16, optional_for_detectors=True),
     Target("mnn_int8w", "model.int8w.mnn", "mnn", "fp32", "ort", _gates(max_rel=5e-2, top1=0.9),
            "MNN, int8-stored weights, fp32 arithmetic, MNN's tanh GELU", produce="mnn_int8w", gelu="tanh",
            detection_gates=DET_INT8, for_detectors=False),
@@ -137,8 +139,15 @@ def default_targets(task: str = "classification", trained: bool = False) -> tupl
 
 
 def optional_targets(task: str = "classification", trained: bool = False) -> frozenset[str]:
-    """The targets the default adds for real weights: shipped only when the final parity verdict passes them."""
-    return frozenset(default_targets(task, trained)) - frozenset(default_targets(task))
+    """The default targets shipped only when the final parity verdict passes them: those the default adds for
+    real weights, and for a detector its lossy copies (`optional_for_detectors`: fp16-stored weights cannot hold
+    an untrained or early detector within DET_FP16 — an untrained yolo11n with BatchNorm statistics from photos:
+    148 px and score 0.72, as PyTorch itself with its weights rounded to fp16 — while model.onnx and model.mnn
+    carry the network)."""
+    chosen = default_targets(task, trained)
+    added = frozenset(chosen) - frozenset(default_targets(task))
+    lossy = {n for n in chosen if task == "detection" and TARGET_BY_NAME[n].optional_for_detectors}
+    return added | lossy
 
 
 def get(name: str) -> Target:

@@ -73,7 +73,9 @@ def test_real_weights_add_the_int8_targets_as_optional_except_for_detectors(tmp_
     assert int8 <= set(targets.default_targets(trained=True)) and int8 <= set(targets.default_targets("features", True))
     assert targets.optional_targets(trained=True) == int8 and not targets.optional_targets()
     assert not int8 & set(targets.default_targets("detection", trained=True))
-    assert not targets.optional_targets("detection", trained=True)
+    # a detector's only optional target is its fp16-weight copy, trained or not (next test)
+    assert targets.optional_targets("detection", trained=True) == targets.optional_targets("detection") == {
+        "mnn_fp16w"}
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     _check_options(ExportOptions(model="fasternet_t0", weights="w.pth", calib=str(tmp_path)))
     for opts in (ExportOptions(model="fasternet_t0", calib=str(tmp_path)),
