@@ -46,6 +46,7 @@ class BuildContext:
     verbose: bool
     calib_dir: str | None = None     # int8 targets: the user's calibration images (None: bundled, augmented)
     int8_mnn_method: str = "auto"   # MNN quantiser feature_quantize_method (quantize.MNN_METHODS)
+    held_out_dir: str | None = None  # int8 targets are judged on these images (--val), else bundled photos
     records: dict = field(default_factory=dict)  # per target: what its producer decided (manifest "targets")
     progress: Callable[[str], None] = lambda detail: None  # what a long producer is doing (the CLI's spinner)
 
@@ -87,7 +88,7 @@ class BuildContext:
     def _eval(self):
         from .parity import held_out_inputs
 
-        return held_out_inputs(self.meta)
+        return held_out_inputs(self.meta, directory=self.held_out_dir)
 
     def eval_inputs(self):
         """Held-out inputs (never calibrated on) the int8 targets are judged on."""
@@ -107,7 +108,8 @@ class BuildContext:
 def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.DEFAULT_TARGETS, *,
                    opset: int = onnx_export.DEFAULT_OPSET, exporter: str = "legacy", simplifier: str = "onnxsim",
                    log=None, verbose: bool = False, calib_dir: str | None = None, int8_mnn_method: str = "auto",
-                   optional=frozenset(), step: Callable[[str], AbstractContextManager] | None = None) -> dict:
+                   optional=frozenset(), step: Callable[[str], AbstractContextManager] | None = None,
+                   held_out_dir: str | None = None) -> dict:
     """Export `model` (eval, inference form) to out_dir/model.onnx (checked, simplified, linted, with `meta`
     embedded), then produce every selected target's file from it. model.onnx is always written: every other
     file derives from it and bisection reads it. Returns {"targets": [...], "records": {target: what its
@@ -120,7 +122,8 @@ def build_artifact(model: nn.Module, meta: dict, out_dir, target_names=targets.D
     step = step or (lambda name: nullcontext())
     chosen = targets.select(target_names)
     out_dir = Path(out_dir)
-    ctx = BuildContext(out_dir, meta, Path(log) if log else out_dir / LOG, verbose, calib_dir, int8_mnn_method)
+    ctx = BuildContext(out_dir, meta, Path(log) if log else out_dir / LOG, verbose, calib_dir, int8_mnn_method,
+                       held_out_dir)
     quiet = not verbose
     raw_path = out_dir / "model.raw.onnx"
 

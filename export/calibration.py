@@ -83,23 +83,24 @@ def evaluation_batch(meta: dict, n: int = DEFAULT_EVAL, seed: int = 1) -> np.nda
     return _views(split_photos()[1], n, meta, seed, originals=True)
 
 
-def image_files(calib_dir) -> list[str]:
+def image_files(calib_dir, option: str = "--calib") -> list[str]:
     """Every file under `calib_dir` (recursively, sorted) whose extension Pillow can open."""
     root = os.fspath(calib_dir)
     if not os.path.isdir(root):
-        raise EdgeportError(f"--calib {root}: no such directory; give a folder of photos like the model will see")
+        raise EdgeportError(f"{option} {root}: no such directory; give a folder of photos like the model will see")
     found = []
     for parent, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found.extend(os.path.join(parent, f) for f in sorted(files)
                      if not f.startswith(".") and os.path.splitext(f)[1].lower() in _EXTENSIONS)
     if not found:
-        raise EdgeportError(f"--calib {root} holds no images; give a folder of JPEG/PNG photos like the model "
+        raise EdgeportError(f"{option} {root} holds no images; give a folder of JPEG/PNG photos like the model "
                             f"will see (or omit --calib to use the bundled sample photos)")
     return found
 
 
-def calibration_batch(meta: dict, calib_dir=None, n: int | None = None, seed: int = 0) -> tuple[np.ndarray, dict]:
+def calibration_batch(meta: dict, calib_dir=None, n: int | None = None, seed: int = 0,
+                      option: str = "--calib") -> tuple[np.ndarray, dict]:
     """(calibration tensors (N, 3, H, W) float32, info) for the int8 quantisers.
 
     With `calib_dir`: up to `n` of its images (all when n is None; a seeded subset when there are more), each
@@ -115,7 +116,7 @@ def calibration_batch(meta: dict, calib_dir=None, n: int | None = None, seed: in
                    "warnings": [f"calibrated on {len(photos)} bundled sample photos with augmentation, not on "
                                 f"images like the deployment's: weaker than --calib DIR with "
                                 f"{MIN_RECOMMENDED}+ of your own images"]}
-    files = image_files(calib_dir)
+    files = image_files(calib_dir, option)
     if n is not None and len(files) > n:
         pick = np.random.default_rng(seed).choice(len(files), n, replace=False)
         files = [files[i] for i in sorted(pick)]
@@ -124,7 +125,7 @@ def calibration_batch(meta: dict, calib_dir=None, n: int | None = None, seed: in
         try:
             arrays.append(preprocess(load_image(path), meta)[0])
         except EdgeRuntimeError as e:
-            raise EdgeportError(f"--calib: {e}; remove or replace that file") from None
+            raise EdgeportError(f"{option}: {e}; remove or replace that file") from None
     warnings = []
     if len(files) < MIN_RECOMMENDED:
         warnings.append(f"--calib {os.fspath(calib_dir)} has {len(files)} images; {MIN_RECOMMENDED}+ "

@@ -15,7 +15,7 @@ from models.errors import EdgeportError
 from runtime.atomic import write_atomic
 
 from . import quantize
-from .parity import HELD_OUT_DESCRIPTION
+from .parity import held_out_description
 
 
 def _float_outputs(onnx_path: Path, x: np.ndarray) -> dict:
@@ -40,7 +40,8 @@ def _judge(target, ctx, outputs: dict) -> tuple[dict, list[str]]:
 def _record(ctx, target, found, info: dict, **extra) -> None:
     ctx.records[target.name] = {
         "calibration": info, "kept_in_float": found.kept, "fallback_metrics_vs_float": found.metrics,
-        "fallback_breaches": found.breaches, "fallback_stopped": found.stopped, "evaluated_on": HELD_OUT_DESCRIPTION,
+        "fallback_breaches": found.breaches, "fallback_stopped": found.stopped,
+        "evaluated_on": held_out_description(ctx.held_out_dir),
         **extra}
 
 

@@ -169,12 +169,24 @@ def _bisect(backend: str, artifact_dir: Path, x, outputs, gates, reference, infe
 
 HELD_OUT_DESCRIPTION = ("the evaluation half of the bundled photos and augmented views of them "
                         "(export.calibration.evaluation_batch), never used for calibration")
+HELD_OUT_MAX = 256  # of the user's --val images (a seeded subset when there are more)
 
 
-def held_out_inputs(meta: dict, n: int | None = None) -> np.ndarray:
-    """What targets with inputs="held_out" (int8) are judged on."""
-    from .calibration import DEFAULT_EVAL, evaluation_batch
+def held_out_description(directory=None) -> str:
+    if directory is None:
+        return HELD_OUT_DESCRIPTION
+    return (f"up to {HELD_OUT_MAX} of the labelled images of --val {os.path.abspath(os.fspath(directory))} "
+            "(images like the deployment's, never used for calibration)")
 
+
+def held_out_inputs(meta: dict, n: int | None = None, directory=None) -> np.ndarray:
+    """What targets with inputs="held_out" (int8) are judged on: the export's --val images when it has them (the
+    user's own domain: a digit classifier judged on photographs says nothing), else the evaluation half of the
+    bundled photos."""
+    from .calibration import DEFAULT_EVAL, calibration_batch, evaluation_batch
+
+    if directory is not None:
+        return calibration_batch(meta, directory, n=n or HELD_OUT_MAX, option="--val")[0]
     return evaluation_batch(meta, n or DEFAULT_EVAL)
 
 
@@ -225,7 +237,7 @@ def _judge_detection(target, ref, out, gates, meta, noise=None):
 
 def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict | None = None,
                n_images: int = 16, bisect: bool = True, bisect_budget: float = 300.0,
-               write: bool = True, target_names=None, optional=frozenset()) -> dict:
+               write: bool = True, target_names=None, optional=frozenset(), held_out_dir=None) -> dict:
     """Compare every artifact target in `artifact_dir` (and the PyTorch inference form) against `reference` on
     the same inputs; write artifact_dir/parity.json and return {"passed", "breaches", "gates", "results",
     "markdown", "inputs", ...}. results = {target: {output_name: metrics}}.
@@ -280,9 +292,9 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
             sources[target.name] += f" (GELU={target.gelu})"
         try:
             if target.inputs == "held_out" and "reference@held_out" not in outputs:
-                held = held_out_inputs(meta)
+                held = held_out_inputs(meta, directory=held_out_dir)
                 outputs["reference@held_out"] = reference_outputs(reference, held, meta)
-                inputs["held_out"] = {"count": len(held), "description": HELD_OUT_DESCRIPTION}
+                inputs["held_out"] = {"count": len(held), "description": held_out_description(held_out_dir)}
             outputs[target.name] = target_outputs(target, path, held if target.inputs == "held_out" else x, meta)
         except Exception as e:  # any failure to load or run is a failure to prove parity
             errors[target.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -314,7 +326,7 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
     notes = [f"every target is compared against the {REFERENCE} on the same inputs"]
     if "held_out" in inputs:
         notes.append(f"int8 targets are judged on {inputs['held_out']['count']} other inputs: "
-                     f"{HELD_OUT_DESCRIPTION}")
+                     f"{inputs['held_out']['description']}")
     if any(targets.get(b).engine == "mnn" for b in results if b in targets.TARGET_BY_NAME):
         notes.append(f"MNN ran as runtime.load runs it by default: 1 thread, winograd='{RUNTIME_WINOGRAD}' (3x3 convs "
                      "in F(2,3) tiles); winograd='fast' (F(6,3)) is not what this checks")
@@ -691,8 +703,13 @@ def _check(d: Path, args, override: dict | None) -> tuple[int, dict | str]:
     disagreements = metadata_disagreements(d, manifest, meta, shipped)
     if disagreements:
         return 1, "; ".join(disagreements)
+    held_out = manifest["export"].get("held_out")
+    if held_out is not None and not os.path.isdir(held_out) and any(
+            targets.get(t).inputs == "held_out" for t in shipped):
+        raise EdgeportError(f"the export judged its int8 targets on --val {held_out}, which is gone; put those "
+                            "images back there to re-run parity on them")
     result = run_parity(d, reference, inference, meta, gates=override, n_images=args.n_images,
-                        bisect=not args.no_bisect, write=False, target_names=shipped)
+                        bisect=not args.no_bisect, write=False, target_names=shipped, held_out_dir=held_out)
     result["gates_override"] = override
     if args.write:
         write_parity_json(d, result)

@@ -177,6 +177,14 @@ def _check_options(opts: ExportOptions) -> None:
         from .accuracy import check_val
 
         check_val(opts.val, task_of(models.get_cfg(opts.model).extra, opts.features_only))
+        if opts.calib is not None:  # the int8 gates are judged on --val: they must be images never calibrated on
+            from .calibration import image_files
+
+            shared = {os.path.realpath(f) for f in image_files(opts.calib)} & {
+                os.path.realpath(f) for f in image_files(opts.val, "--val")}
+            if shared:
+                raise EdgeportError(f"--calib and --val share {len(shared)} image(s) (e.g. {sorted(shared)[0]}); int8 "
+                                    "is judged on --val, so give it images the calibration never saw")
     if opts.int8_mnn not in MNN_METHODS:
         raise EdgeportError(f"unknown --int8-mnn {opts.int8_mnn}; use one of {', '.join(MNN_METHODS)}")
     if opts.pconv not in ("auto", *PCONV_FORMS):
@@ -255,7 +263,8 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
                                        if t not in unjudged))
     built = build_artifact(inference, meta, build, opts.targets, opset=opts.opset, exporter=opts.exporter,
                            simplifier=opts.simplifier, log=build / LOG, verbose=opts.verbose, calib_dir=opts.calib,
-                           int8_mnn_method=opts.int8_mnn, optional=optional, step=steps.step)
+                           int8_mnn_method=opts.int8_mnn, optional=optional, step=steps.step,
+                           held_out_dir=_held_out(opts))
     for name in sorted(unjudged):
         built["records"][name] = {"not_shipped": f"{name}: not built: --no-parity leaves no final verdict to pass it"}
     opts = replace(opts, targets=tuple(built["targets"]))
@@ -288,7 +297,7 @@ def _run_steps(opts: ExportOptions, source: dict, build: Path, console: Console,
         "form_tag": tag,
         "source": source,
         "metadata": meta,
-        "export": {"targets": built["targets"], "opset": opts.opset,
+        "export": {"targets": built["targets"], "opset": opts.opset, "held_out": _held_out(opts),
                    "exporter": opts.exporter, "simplifier": opts.simplifier,
                    "forms": {"pconv": opts.pconv, "mlp": opts.mlp, **forms}},
         "files": {},
@@ -348,6 +357,12 @@ def _drop_not_shipped(build: Path, built: dict, verdicts: dict, console: Console
     return tuple(built["targets"])
 
 
+def _held_out(opts: ExportOptions) -> str | None:
+    """Where the int8 targets are judged: the --val images (absolute, recorded in the manifest so that
+    `python -m export.parity DIR` judges them on the same images), else None: the bundled photos."""
+    return os.path.abspath(opts.val) if opts.val is not None else None
+
+
 def _parity(opts, build, reference, inference, meta, steps: Steps, log, optional=frozenset()) -> dict:
     if not opts.parity:
         steps.note("[yellow]parity gate skipped (--no-parity)[/yellow]")
@@ -358,7 +373,7 @@ def _parity(opts, build, reference, inference, meta, steps: Steps, log, optional
         return {"status": "skipped", "reason": f"parity gate not available: {why}"}
     with steps.step("parity gate"), redirect_fds(log, not opts.verbose):
         result = run_parity(build, reference, inference, meta, opts.gates, target_names=opts.targets,
-                            optional=frozenset(optional) & set(opts.targets))
+                            optional=frozenset(optional) & set(opts.targets), held_out_dir=_held_out(opts))
     for breach in result.get("breaches", []):
         steps.note(f"[red]breach:[/red] {breach}")
     for breach in (line for lines in result.get("not_shipped", {}).values() for line in lines):

@@ -43,6 +43,7 @@ class FileEntry(msgspec.Struct):
 
 class ExportRecord(msgspec.Struct):
     targets: list[str] | None = None  # older manifests: the targets whose files are listed
+    held_out: Annotated[str, msgspec.Meta(max_length=4096)] | None = None  # int8 judged on these (--val)
 
 
 class ParityRecord(msgspec.Struct):

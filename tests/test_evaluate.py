@@ -291,3 +291,25 @@ def test_int8_files_of_the_trained_model_keep_its_accuracy(data, tmp_path):
     for name in ("model.int8.onnx", "model.int8.mnn", "model.int8w.mnn"):
         assert -files[name]["delta_top1_points"] <= accuracy.INT8_MAX_TOP1_LOSS_POINTS, (name, files[name])
     assert not manifest["accuracy"]["breaches"]
+
+
+def test_with_val_int8_is_judged_on_those_images(data, tmp_path):
+    """A digit classifier's int8 file judged on photographs says nothing (activations it never sees): with --val
+    the int8 gates are judged on those labelled images, recorded so that export.parity re-runs on them."""
+    out = tmp_path / "out"
+    code = export_main([digits.MODEL, "--weights", str(digits.WEIGHTS), "--targets", "ort,ort_int8",
+                        "--calib", str(data / "train"), "--val", str(data / "val"), "--out", str(out)])
+    (found,) = out.glob("*/*/manifest.json")
+    manifest = json.loads(found.read_text())
+    held = manifest["parity"]["inputs"]["held_out"]
+    assert "--val" in held["description"] and held["count"] == 256  # a seeded subset of the 359 val images
+    assert manifest["export"]["held_out"] == str((data / "val").resolve())
+    assert "--val" in manifest["targets"]["ort_int8"]["evaluated_on"]
+    assert code == (0 if manifest["status"] == "passed" else 1)
+
+
+def test_calib_and_val_must_not_share_images(data, tmp_path, capsys):
+    code = export_main([digits.MODEL, "--weights", str(digits.WEIGHTS), "--calib", str(data / "val"),
+                        "--val", str(data / "val"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--calib and --val share" in err and len(err.strip().splitlines()) == 1
