@@ -259,7 +259,7 @@ def test_failing_converter_leaves_previous_artifacts_untouched(tmp_path, capsys,
 def test_parity_breach_exits_1_and_never_replaces_a_passing_export(previous, tmp_path, capsys, monkeypatch):
     """A failed export is kept for inspection (status "failed"): in place of a failed previous one, beside a
     passing one (<tag>.failed), which stays byte-identical."""
-    def failing_parity(artifact_dir, reference, inference, meta, gates=None, target_names=None):
+    def failing_parity(artifact_dir, reference, inference, meta, gates=None, target_names=None, **options):
         assert (artifact_dir / "model.mnn").is_file() and meta["precision"] == "fp32"
         return {"passed": False, "breaches": ["mnn_fp32: max_rel 2e-04 > 1e-04"], "gates": {}, "results": {},
                 "markdown": "| table |"}
