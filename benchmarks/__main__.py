@@ -2,8 +2,12 @@
 form), int8 against fp32 and fp16, the FasterNet paper's operator table, the SGEMM roofline and the seed claims;
 writes results.json, report.md, PNG plots and recommendation.json.
 
-  python -m benchmarks [--models ...] [--detectors ...] [--precision-models ...] [--iters N] [--threads 1,all]
-                       [--engines torch,ort,mnn] [--quick] [--out DIR]
+  python -m benchmarks [--models ...] [--full | --detectors ... --precision-models ...] [--iters N]
+                       [--threads 1,all] [--engines torch,ort,mnn] [--quick] [--out DIR]
+
+By default only the classifier forms, the MNN GELU profile, the operator table, the roofline and the seed checks
+run (minutes); the detector and precision sections (tens of minutes: 22 exports at 640², int8 fallback searches)
+run with --full (`make bench-full`) or when named with --detectors / --precision-models.
 """
 from __future__ import annotations
 
@@ -47,13 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds per (model, engine, threads) group; past it, stop after 3 rounds "
                         "(default 10; 0 = no limit)")
     p.add_argument("--img", type=int, help="input size (default: each model's own; --quick 64)")
-    p.add_argument("--detectors", nargs="+", default=list(DEFAULT_DETECTORS),
+    p.add_argument("--full", action="store_true",
+                   help="also the detector and precision sections with their defaults (make bench-full; "
+                        "tens of minutes on a first run)")
+    p.add_argument("--detectors", nargs="+",
                    help="detectors timed per backbone form at 1 thread, ONNX Runtime and MNN, beside plain "
-                        f"yolo11n; 'none' to skip (default: {' '.join(DEFAULT_DETECTORS)})")
+                        f"yolo11n (default: none; with --full {' '.join(DEFAULT_DETECTORS)})")
     p.add_argument("--det-img", type=int, help="detector input size (default 640; --quick 128)")
     p.add_argument("--precision-models", nargs="+",
                    help="models whose fp32 / fp16 / int8 files are timed against each other at 1 thread "
-                        "(default: --models; 'none' to skip)")
+                        "(default: none; with --full the --models)")
     p.add_argument("--precision-targets",
                    help="of ort,ort_int8,mnn_fp32,mnn_fp16w,mnn_int8w,mnn_int8 (default all; --quick: all but "
                         "the calibrated int8 ones, whose fallback search takes minutes)")
@@ -110,8 +117,8 @@ def resolve(args) -> tuple[list[str], list[int], list[str]]:
     from benchmarks.forms import ENGINES
 
     names = model_names(args.models)
-    args.detector_names = model_names(args.detectors)
-    args.precision_names = model_names(args.precision_models, default=names)
+    args.detector_names = model_names(args.detectors, default=DEFAULT_DETECTORS if args.full else ())
+    args.precision_names = model_names(args.precision_models, default=names if args.full else ())
     args.precision_target_names = precision_targets(args.precision_targets)
     try:
         threads = sorted({(os.cpu_count() or 1) if t == "all" else int(t) for t in _csv(args.threads)})

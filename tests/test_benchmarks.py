@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import precision, report, timing
-from benchmarks.__main__ import main
+from benchmarks.__main__ import DEFAULT_DETECTORS, DEFAULT_MODELS, main, parse_args, resolve
 from benchmarks.arm import cost
 from export import pipeline
 from models.errors import EdgeportError
@@ -161,8 +161,20 @@ def quick_run(tmp_path_factory):
     out, printed = tmp_path_factory.mktemp("bench"), io.StringIO()
     with contextlib.redirect_stdout(printed):
         rc = main(["--quick", "--models", "fasternet_t0", "--forms", "slicing-conv", "--threads", "1",
-                   "--detectors", "none", "--out", str(out), "--cache", "none"])
+                   "--precision-models", "fasternet_t0", "--out", str(out), "--cache", "none"])
     return rc, out, printed.getvalue()
+
+
+@pytest.mark.parametrize("argv, detectors, precision", [
+    ([], [], []),  # make bench: the minutes-long sections are off
+    (["--full"], list(DEFAULT_DETECTORS), list(DEFAULT_MODELS)),  # make bench-full
+    (["--full", "--models", "convnext_atto", "--detectors", "none"], [], ["convnext_atto"]),
+    (["--detectors", "yolo11n", "--precision-models", "fasternet_t0"], ["yolo11n"], ["fasternet_t0"]),
+])
+def test_detector_and_precision_sections_run_only_with_full_or_when_named(argv, detectors, precision):
+    args = parse_args(argv)
+    resolve(args)
+    assert args.detector_names == detectors and args.precision_names == precision
 
 
 @pytest.fixture(scope="module")
