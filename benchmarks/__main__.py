@@ -5,9 +5,10 @@ writes results.json, report.md, PNG plots and recommendation.json.
   python -m benchmarks [--models ...] [--full | --detectors ... --precision-models ...] [--iters N]
                        [--threads 1,all] [--engines torch,ort,mnn] [--quick] [--out DIR]
 
-By default only the classifier forms, the MNN GELU profile, the operator table, the roofline and the seed checks
-run (minutes); the detector and precision sections (tens of minutes: 22 exports at 640², int8 fallback searches)
-run with --full (`make bench-full`) or when named with --detectors / --precision-models.
+By default the classifier forms at 1 thread, the operator table, the roofline and the seed checks run (minutes:
+`make bench`). --full (`make bench-full`) adds 2-thread timings, the MNN per-op profile and GELU forms, and the
+detector and precision sections (tens of minutes: 22 exports at 640², int8 fallback searches); each can also be
+asked for alone (--threads 1,all, --mnn-profile, --detectors, --precision-models).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"(default: {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--iters", type=int, help="interleaved timed rounds (default 20; --quick 2)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 3; --quick 1)")
-    p.add_argument("--threads", default="1,all", help="thread counts, 'all' = every CPU (default 1,all)")
+    p.add_argument("--threads", help="thread counts, 'all' = every CPU (default 1; with --full 1,all)")
     p.add_argument("--engines", default="torch,ort,mnn", help="subset of torch,ort,mnn (default all three)")
     p.add_argument("--forms", help="only these form tags, e.g. split_cat-conv,fc (the baseline always runs)")
     p.add_argument("--budget", type=float, default=10.0,
@@ -52,8 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default 10; 0 = no limit)")
     p.add_argument("--img", type=int, help="input size (default: each model's own; --quick 64)")
     p.add_argument("--full", action="store_true",
-                   help="also the detector and precision sections with their defaults (make bench-full; "
-                        "tens of minutes on a first run)")
+                   help="also 2-thread timings, the MNN profile, the detector and precision sections with their "
+                        "defaults (make bench-full; tens of minutes on a first run)")
+    p.add_argument("--mnn-profile", action="store_true",
+                   help="also MNN's per-op profile and GELU forms of each model (~1 min per model; on with --full)")
     p.add_argument("--detectors", nargs="+",
                    help="detectors timed per backbone form at 1 thread, ONNX Runtime and MNN, beside plain "
                         f"yolo11n (default: none; with --full {' '.join(DEFAULT_DETECTORS)})")
@@ -76,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.quick_defaults = ({"iters": 2, "warmup": 1, "img": 64, "det_img": 128,
                             "precision_targets": "ort,mnn_fp32,mnn_fp16w,mnn_int8w"} if args.quick
                            else {"iters": 20, "warmup": 3, "det_img": 640})
+    args.quick_defaults["threads"] = "1,all" if args.full else "1"
+    args.mnn_profile = args.mnn_profile or args.full
     for key, value in args.quick_defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -226,7 +231,7 @@ def run(args, log) -> tuple[dict, Path]:
         results["models"][name] = bench_model(name, engines, threads, args.iters, args.warmup, args.img,
                                               cache, only, args.budget or None, log=log)
         stage("models")
-        if "mnn" in engines:
+        if "mnn" in engines and args.mnn_profile:
             from export.pipeline import resolve_forms
 
             from .gelu import bench_mnn

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -161,20 +162,23 @@ def quick_run(tmp_path_factory):
     out, printed = tmp_path_factory.mktemp("bench"), io.StringIO()
     with contextlib.redirect_stdout(printed):
         rc = main(["--quick", "--models", "fasternet_t0", "--forms", "slicing-conv", "--threads", "1",
-                   "--precision-models", "fasternet_t0", "--out", str(out), "--cache", "none"])
+                   "--precision-models", "fasternet_t0", "--mnn-profile", "--out", str(out), "--cache", "none"])
     return rc, out, printed.getvalue()
 
 
-@pytest.mark.parametrize("argv, detectors, precision", [
-    ([], [], []),  # make bench: the minutes-long sections are off
-    (["--full"], list(DEFAULT_DETECTORS), list(DEFAULT_MODELS)),  # make bench-full
-    (["--full", "--models", "convnext_atto", "--detectors", "none"], [], ["convnext_atto"]),
-    (["--detectors", "yolo11n", "--precision-models", "fasternet_t0"], ["yolo11n"], ["fasternet_t0"]),
+@pytest.mark.parametrize("argv, detectors, precision, threads, mnn_profile", [
+    ([], [], [], [1], False),  # make bench: the minutes-long sections are off
+    (["--full"], list(DEFAULT_DETECTORS), list(DEFAULT_MODELS), sorted({1, os.cpu_count()}), True),  # bench-full
+    (["--full", "--models", "convnext_atto", "--detectors", "none", "--threads", "1"], [], ["convnext_atto"], [1],
+     True),
+    (["--detectors", "yolo11n", "--precision-models", "fasternet_t0", "--mnn-profile"], ["yolo11n"],
+     ["fasternet_t0"], [1], True),
 ])
-def test_detector_and_precision_sections_run_only_with_full_or_when_named(argv, detectors, precision):
+def test_long_sections_run_only_with_full_or_when_named(argv, detectors, precision, threads, mnn_profile):
     args = parse_args(argv)
-    resolve(args)
+    _, resolved_threads, _ = resolve(args)
     assert args.detector_names == detectors and args.precision_names == precision
+    assert resolved_threads == threads and args.mnn_profile == mnn_profile
 
 
 @pytest.fixture(scope="module")
