@@ -59,7 +59,7 @@ bench-full: setup
 # The documentation site, offline, into site/: the command reference is generated from the argparse parsers and
 # the target registry at build time (docs/hooks.py); any warning (a broken link or anchor) fails the build.
 docs: setup
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 include benchmarks/arm/arm.mk
 include benchmarks/debian13/debian13.mk
