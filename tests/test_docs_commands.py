@@ -295,3 +295,12 @@ def test_docs_site_builds_without_a_warning(tmp_path):
     assert "WARNING" not in build.stderr, build.stderr[-3000:]
     assert (tmp_path / "site" / "reference" / "commands" / "export" / "index.html").is_file()
     assert "--pconv" in (tmp_path / "site" / "reference" / "commands" / "export" / "index.html").read_text()
+
+
+def test_the_nav_drops_pages_not_in_this_checkout():
+    """Pages other branches add (docs/guides/board.md, ...) are listed in mkdocs.yml and appear once merged."""
+    import hooks
+
+    nav = [{"Guides": [{"Export": "guides/export.md"}, {"Board": "guides/not-yet-merged.md"}]},
+           {"Design": [{"Trust": "design/not-yet-merged.md"}]}, "index.md"]
+    assert hooks._prune(nav) == [{"Guides": [{"Export": "guides/export.md"}]}, "index.md"]
