@@ -1,5 +1,5 @@
-"""The commands in README.md and the guides (docs/index.md, docs/guides/*.md, docs/reference/make.md) are run, so a renamed flag breaks
-the tests, not a newcomer's first copy-paste.
+"""The commands in README.md and the guides (docs/index.md, docs/guides/*.md, docs/reference/make.md) are run,
+so a renamed flag breaks the tests, not a newcomer's first copy-paste.
 
 Every line of a fenced ```sh block is a command. The HTML comment right before a block says what it costs:
 
@@ -183,8 +183,8 @@ class Placeholders:
 
     def photo(self) -> Path:
         def make():
-            from skimage import data
             from PIL import Image
+            from skimage import data
 
             path = self.root / "photo.jpg"
             Image.fromarray(data.chelsea()).save(path)
@@ -193,8 +193,8 @@ class Placeholders:
 
     def photos(self) -> Path:
         def make():
-            from skimage import data
             from PIL import Image
+            from skimage import data
 
             folder = self.root / "photos"
             folder.mkdir()
