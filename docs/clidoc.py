@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import io
 import signal
 from dataclasses import dataclass
@@ -47,10 +46,9 @@ class Command:
         return self.name.removeprefix("python -m ").replace(".", "-").replace("_", "-")
 
     def exists(self) -> bool:
-        try:
-            return importlib.util.find_spec(self.module) is not None
-        except ModuleNotFoundError:  # its package is missing
-            return False
+        """Its source is in this checkout (not importlib's view: an editable install elsewhere may answer)."""
+        path = REPO.joinpath(*self.module.split("."))
+        return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def commands() -> list[Command]:
