@@ -7,6 +7,7 @@ Every line of a fenced ```sh block is a command. The HTML comment right before a
     <!-- cmd: slow -->       run only with the slow marker (exports, benchmarks: minutes)
     <!-- cmd: manual -->     never run here (needs a board, the network or a file we cannot make); still checked
 
+An export, parity or benchmark command is slow whatever its block says (SLOW_MODULES), unless it asks for --help.
 Whatever the marker, every edgeport command line is parsed by its own argparse parser (cheap, nothing runs), and
 every `make` line is dry-run (`make -n`, with EXPORT_ARGS / BENCH_ARGS / PARITY_ARGS parsed too). Placeholders
 in commands are bound to real files made once per session: `model.mnn` / `model.onnx` (a 64² fasternet_t0
@@ -41,6 +42,8 @@ PENDING_FLAGS = {"--bundle", "--device", "--engine"}
 SCRIPTS = {"edgeport-infer": "runtime.infer", "edgeport-detect": "runtime.detect", "edgeport-bench": "runtime.bench",
            "edgeport-eval": "runtime.evaluate"}
 OUR_PACKAGES = {"export", "runtime", "benchmarks", "models"}
+# Commands that take minutes whatever their block says (an export, a parity run, a benchmark): run as slow.
+SLOW_MODULES = {"export", "export.parity", "benchmarks", "benchmarks.arm.parity", "benchmarks.arm.cost"}
 MAKE_ARGS = {"EXPORT_ARGS": "export", "BENCH_ARGS": "benchmarks", "PARITY_ARGS": "export.parity"}
 BLOCK = re.compile(r"(?:<!--\s*cmd:\s*(?P<marker>[\w-]+)\s*-->\s*\n)?```sh\n(?P<body>.*?)```", re.S)
 
@@ -65,6 +68,12 @@ class DocCommand:
             if module.split(".")[0] in OUR_PACKAGES:
                 return module
         return None  # git, pip, scp, python3 -m venv, ...: not ours, never run
+
+    @property
+    def cost(self) -> str:
+        if self.marker == "cheap" and self.module in SLOW_MODULES and "--help" not in self.args:
+            return "slow"
+        return self.marker
 
     @property
     def args(self) -> list[str]:
@@ -211,6 +220,16 @@ class Placeholders:
         return self._once("detector", lambda: _export(self._dir("detector"), "yolo11n_fasternet_t0",
                                                       "--img-size", "128", "--no-parity"))
 
+    def bundle(self, name: str) -> Path:
+        """A board bundle (python -m export MODEL --bundle): the one a documented command made in the work
+        directory, else a small one of fasternet_t0."""
+        made = sorted((self.root / "work").glob(f"**/{name}"))
+        if made:
+            return made[0]
+        return self._once("bundle", lambda: next(_export(self._dir("bundle"), "fasternet_t0", "--bundle",
+                                                         "--img-size", "64", "--targets", "ort,mnn_fp32")
+                                                 .parent.parent.glob("*.bundle.tar.gz")))
+
     def checkpoint(self) -> Path:
         def make():
             import torch
@@ -243,6 +262,8 @@ class Placeholders:
             if re.fullmatch(r"model(\.\w+)?\.(mnn|onnx)", name):
                 export = self.detector() if detector else self.classifier()
                 arg = str(export / name if (export / name).exists() else export / ("model" + Path(arg).suffix))
+            elif name.endswith(".bundle.tar.gz"):
+                arg = str(self.bundle(name))
             elif arg.startswith("artifacts/") and not Path(arg).suffix:
                 arg = str(self.classifier())
             elif re.fullmatch(r"[\w-]+\.(jpg|jpeg|png)", arg):
@@ -276,13 +297,13 @@ def _run(cmd: DocCommand, placeholders: Placeholders, timeout: int):
 RUNNABLE = [c for c in COMMANDS if c.module]
 
 
-@pytest.mark.parametrize("cmd", _params([c for c in RUNNABLE if c.marker == "cheap"]))
+@pytest.mark.parametrize("cmd", _params([c for c in RUNNABLE if c.cost == "cheap"]))
 def test_documented_command_runs(cmd, placeholders):
     _run(cmd, placeholders, timeout=600)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cmd", _params([c for c in RUNNABLE if c.marker == "slow"]))
+@pytest.mark.parametrize("cmd", _params([c for c in RUNNABLE if c.cost == "slow"]))
 def test_documented_slow_command_runs(cmd, placeholders):
     _run(cmd, placeholders, timeout=3600)
 
