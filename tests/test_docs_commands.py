@@ -43,7 +43,8 @@ SCRIPTS = {"edgeport-infer": "runtime.infer", "edgeport-detect": "runtime.detect
            "edgeport-eval": "runtime.evaluate"}
 OUR_PACKAGES = {"export", "runtime", "benchmarks", "models"}
 # Commands that take minutes whatever their block says (an export, a parity run, a benchmark): run as slow.
-SLOW_MODULES = {"export", "export.parity", "benchmarks", "benchmarks.arm.parity", "benchmarks.arm.cost"}
+SLOW_MODULES = {"export", "export.parity", "benchmarks", "benchmarks.arm.parity", "benchmarks.arm.cost", "runtime.bench",
+                "runtime.evaluate"}
 MAKE_ARGS = {"EXPORT_ARGS": "export", "BENCH_ARGS": "benchmarks", "PARITY_ARGS": "export.parity"}
 BLOCK = re.compile(r"(?:<!--\s*cmd:\s*(?P<marker>[\w-]+)\s*-->\s*\n)?```sh\n(?P<body>.*?)```", re.S)
 
