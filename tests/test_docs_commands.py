@@ -43,8 +43,8 @@ SCRIPTS = {"edgeport-infer": "runtime.infer", "edgeport-detect": "runtime.detect
            "edgeport-eval": "runtime.evaluate"}
 OUR_PACKAGES = {"export", "runtime", "benchmarks", "models"}
 # Commands that take minutes whatever their block says (an export, a parity run, a benchmark): run as slow.
-SLOW_MODULES = {"export", "export.parity", "benchmarks", "benchmarks.arm.parity", "benchmarks.arm.cost", "runtime.bench",
-                "runtime.evaluate"}
+SLOW_MODULES = {"export", "export.parity", "benchmarks", "benchmarks.arm.parity", "benchmarks.arm.cost",
+                "runtime.bench", "runtime.evaluate"}
 MAKE_ARGS = {"EXPORT_ARGS": "export", "BENCH_ARGS": "benchmarks", "PARITY_ARGS": "export.parity"}
 BLOCK = re.compile(r"(?:<!--\s*cmd:\s*(?P<marker>[\w-]+)\s*-->\s*\n)?```sh\n(?P<body>.*?)```", re.S)
 
@@ -326,3 +326,20 @@ def test_the_nav_drops_pages_not_in_this_checkout():
     nav = [{"Guides": [{"Export": "guides/export.md"}, {"Board": "guides/not-yet-merged.md"}]},
            {"Design": [{"Trust": "design/not-yet-merged.md"}]}, "index.md"]
     assert hooks._prune(nav) == [{"Guides": [{"Export": "guides/export.md"}]}, "index.md"]
+
+
+def test_docs_site_build_fails_on_a_broken_link(tmp_path):
+    """The strict build catches a real defect: a copy of the site with one link to a page that does not exist."""
+    import shutil
+
+    shutil.copytree(ROOT / "docs", tmp_path / "docs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path)
+    for package in ("models", "export", "runtime", "benchmarks"):
+        (tmp_path / package).symlink_to(ROOT / package)
+    index = tmp_path / "docs" / "guides" / "export.md"
+    index.write_text(index.read_text() + "\nSee [the renamed page](renamed-page.md).\n")
+    build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert build.returncode != 0
+    warnings = [line for line in build.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "renamed-page.md" in warnings[0], build.stderr[-3000:]
