@@ -13,7 +13,7 @@ PARITY_ARGS ?=
 BENCH_ARGS ?=
 SMALL_MODELS := fasternet_t0 convnext_atto inception_next_atto efficientnetv2_s
 
-.PHONY: setup test test-slow lint export export-all bundle parity bench bench-full clean
+.PHONY: setup test test-slow lint export export-all bundle parity bench bench-full docs clean
 
 setup: $(STAMP)
 
@@ -52,13 +52,20 @@ parity: setup
 	  $(PY) -m export.parity "$$d" $(PARITY_ARGS); done; \
 	  [ $$found = 1 ] || { echo "no export of $(MODEL) under $(OUT)/; run make export MODEL=$(MODEL)" >&2; exit 2; }
 
-# Latency of every inference form vs the fc baseline, operator table, roofline, seed checks -> benchmarks/results/
+# Latency of every classifier form vs the fc baseline, MNN GELU profile, operator table, roofline, seed checks
+# -> benchmarks/results/ (minutes; docs/measurements/forms.md says how long).
 bench: setup
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
-# Every registered variant: hours on a 2-core machine.
+# Also the detectors' backbone forms at 640² and the fp32/fp16/int8 files beside their gates (about an hour on a
+# first run of a 2-core machine; the export cache makes re-runs shorter). Every variant: BENCH_ARGS="--models all".
 bench-full: setup
-	$(PY) -m benchmarks --models all --iters 30 $(BENCH_ARGS)
+	$(PY) -m benchmarks --full $(BENCH_ARGS)
+
+# The documentation site, offline, into site/: the command reference is generated from the argparse parsers and
+# the target registry at build time (docs/hooks.py); any warning (a broken link or anchor) fails the build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 include benchmarks/arm/arm.mk
 include benchmarks/debian13/debian13.mk

@@ -2,8 +2,13 @@
 form), int8 against fp32 and fp16, the FasterNet paper's operator table, the SGEMM roofline and the seed claims;
 writes results.json, report.md, PNG plots and recommendation.json.
 
-  python -m benchmarks [--models ...] [--detectors ...] [--precision-models ...] [--iters N] [--threads 1,all]
-                       [--engines torch,ort,mnn] [--quick] [--out DIR]
+  python -m benchmarks [--models ...] [--full | --detectors ... --precision-models ...] [--iters N]
+                       [--threads 1,all] [--engines torch,ort,mnn] [--quick] [--out DIR]
+
+By default the classifier forms at 1 thread, the operator table, the roofline and the seed checks run (minutes:
+`make bench`). --full (`make bench-full`) adds 2-thread timings, the MNN per-op profile and GELU forms, and the
+detector and precision sections (tens of minutes: 22 exports at 640², int8 fallback searches); each can also be
+asked for alone (--threads 1,all, --mnn-profile, --detectors, --precision-models).
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"(default: {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--iters", type=int, help="interleaved timed rounds (default 20; --quick 2)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 3; --quick 1)")
-    p.add_argument("--threads", default="1,all", help="thread counts, 'all' = every CPU (default 1,all)")
+    p.add_argument("--threads", help="thread counts, 'all' = every CPU (default 1; with --full 1,all)")
     p.add_argument("--engines", default="torch,ort,mnn,openvino",
                    help="subset of torch,ort,mnn,openvino (default all four); ort, mnn and openvino run in the same "
                         "interleaved rounds, so every form has a paired ratio to ONNX Runtime")
@@ -49,13 +54,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds per (model, engine, threads) group; past it, stop after 3 rounds "
                         "(default 10; 0 = no limit)")
     p.add_argument("--img", type=int, help="input size (default: each model's own; --quick 64)")
-    p.add_argument("--detectors", nargs="+", default=list(DEFAULT_DETECTORS),
+    p.add_argument("--full", action="store_true",
+                   help="also 2-thread timings, the MNN profile, the detector and precision sections with their "
+                        "defaults (make bench-full; tens of minutes on a first run)")
+    p.add_argument("--mnn-profile", action="store_true",
+                   help="also MNN's per-op profile and GELU forms of each model (~1 min per model; on with --full)")
+    p.add_argument("--detectors", nargs="+",
                    help="detectors timed per backbone form at 1 thread, ONNX Runtime and MNN, beside plain "
-                        f"yolo11n; 'none' to skip (default: {' '.join(DEFAULT_DETECTORS)})")
+                        f"yolo11n (default: none; with --full {' '.join(DEFAULT_DETECTORS)})")
     p.add_argument("--det-img", type=int, help="detector input size (default 640; --quick 128)")
     p.add_argument("--precision-models", nargs="+",
                    help="models whose fp32 / fp16 / int8 files are timed against each other at 1 thread "
-                        "(default: --models; 'none' to skip)")
+                        "(default: none; with --full the --models)")
     p.add_argument("--precision-targets",
                    help="of ort,ort_int8,mnn_fp32,mnn_fp16w,mnn_int8w,mnn_int8,openvino,openvino_int8 (default all; "
                         "--quick: all but the calibrated int8 ones, whose fallback search takes minutes)")
@@ -71,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.quick_defaults = ({"iters": 2, "warmup": 1, "img": 64, "det_img": 128,
                             "precision_targets": "ort,mnn_fp32,mnn_fp16w,mnn_int8w"} if args.quick
                            else {"iters": 20, "warmup": 3, "det_img": 640})
+    args.quick_defaults["threads"] = "1,all" if args.full else "1"
+    args.mnn_profile = args.mnn_profile or args.full
     for key, value in args.quick_defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -112,8 +124,8 @@ def resolve(args) -> tuple[list[str], list[int], list[str]]:
     from benchmarks.forms import ENGINES
 
     names = model_names(args.models)
-    args.detector_names = model_names(args.detectors)
-    args.precision_names = model_names(args.precision_models, default=names)
+    args.detector_names = model_names(args.detectors, default=DEFAULT_DETECTORS if args.full else ())
+    args.precision_names = model_names(args.precision_models, default=names if args.full else ())
     args.precision_target_names = precision_targets(args.precision_targets)
     try:
         threads = sorted({(os.cpu_count() or 1) if t == "all" else int(t) for t in _csv(args.threads)})
@@ -221,7 +233,7 @@ def run(args, log) -> tuple[dict, Path]:
         results["models"][name] = bench_model(name, engines, threads, args.iters, args.warmup, args.img,
                                               cache, only, args.budget or None, log=log)
         stage("models")
-        if "mnn" in engines:
+        if "mnn" in engines and args.mnn_profile:
             from export.pipeline import resolve_forms
 
             from .gelu import bench_mnn

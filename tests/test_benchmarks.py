@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from benchmarks import precision, report, timing
-from benchmarks.__main__ import main
+from benchmarks.__main__ import DEFAULT_DETECTORS, DEFAULT_MODELS, main, parse_args, resolve
 from benchmarks.arm import cost
 from export import pipeline
 from models.errors import EdgeportError
@@ -161,8 +162,23 @@ def quick_run(tmp_path_factory):
     out, printed = tmp_path_factory.mktemp("bench"), io.StringIO()
     with contextlib.redirect_stdout(printed):
         rc = main(["--quick", "--models", "fasternet_t0", "--forms", "slicing-conv", "--threads", "1",
-                   "--detectors", "none", "--out", str(out), "--cache", "none"])
+                   "--precision-models", "fasternet_t0", "--mnn-profile", "--out", str(out), "--cache", "none"])
     return rc, out, printed.getvalue()
+
+
+@pytest.mark.parametrize("argv, detectors, precision, threads, mnn_profile", [
+    ([], [], [], [1], False),  # make bench: the minutes-long sections are off
+    (["--full"], list(DEFAULT_DETECTORS), list(DEFAULT_MODELS), sorted({1, os.cpu_count()}), True),  # bench-full
+    (["--full", "--models", "convnext_atto", "--detectors", "none", "--threads", "1"], [], ["convnext_atto"], [1],
+     True),
+    (["--detectors", "yolo11n", "--precision-models", "fasternet_t0", "--mnn-profile"], ["yolo11n"],
+     ["fasternet_t0"], [1], True),
+])
+def test_long_sections_run_only_with_full_or_when_named(argv, detectors, precision, threads, mnn_profile):
+    args = parse_args(argv)
+    _, resolved_threads, _ = resolve(args)
+    assert args.detector_names == detectors and args.precision_names == precision
+    assert resolved_threads == threads and args.mnn_profile == mnn_profile
 
 
 @pytest.fixture(scope="module")
