@@ -3,7 +3,7 @@ form), int8 against fp32 and fp16, the FasterNet paper's operator table, the SGE
 writes results.json, report.md, PNG plots and recommendation.json.
 
   python -m benchmarks [--models ...] [--full | --detectors ... --precision-models ...] [--iters N]
-                       [--threads 1,all] [--engines torch,ort,mnn] [--quick] [--out DIR]
+                       [--threads 1,all] [--engines ort,mnn,openvino] [--quick] [--out DIR]
 
 By default the classifier forms at 1 thread, the operator table, the roofline and the seed checks run (minutes:
 `make bench`). --full (`make bench-full`) adds 2-thread timings, the MNN per-op profile and GELU forms, and the
@@ -46,9 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, help="interleaved timed rounds (default 20; --quick 2)")
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 3; --quick 1)")
     p.add_argument("--threads", help="thread counts, 'all' = every CPU (default 1; with --full 1,all)")
-    p.add_argument("--engines", default="torch,ort,mnn,openvino",
-                   help="subset of torch,ort,mnn,openvino (default all four); ort, mnn and openvino run in the same "
-                        "interleaved rounds, so every form has a paired ratio to ONNX Runtime")
+    p.add_argument("--engines", default="ort,mnn,openvino",
+                   help="subset of torch,ort,mnn,openvino (default ort,mnn,openvino: the engines a board runs; "
+                        "torch, PyTorch eager, on request); ort, mnn and openvino run in the same interleaved rounds, "
+                        "so every form has a paired ratio to ONNX Runtime")
     p.add_argument("--forms", help="only these form tags, e.g. split_cat-conv,fc (the baseline always runs)")
     p.add_argument("--budget", type=float, default=10.0,
                    help="seconds per (model, engine, threads) group; past it, stop after 3 rounds "
