@@ -12,7 +12,8 @@ Whatever the marker, every edgeport command line is parsed by its own argparse p
 every `make` line is dry-run (`make -n`, with EXPORT_ARGS / BENCH_ARGS / PARITY_ARGS parsed too). Placeholders
 in commands are bound to real files made once per session: `model.mnn` / `model.onnx` (a 64² fasternet_t0
 export; a detector's for runtime.detect), `artifacts/...` (that export's directory), images (`cat.jpg`, ...),
-image folders (`photos/`), `ckpt.pth` (a state_dict), `imagenet_classes.txt`. Commands of features other
+image folders (`photos/`), a labelled tree (`val/`: the digits split), `ckpt.pth` (a state_dict),
+`imagenet_classes.txt`. Commands of features other
 branches are still building are "pending": skipped while their module or flag does not exist, run once it does.
 The docs site itself is built with `mkdocs build --strict` (any warning, e.g. a broken link, fails).
 """
@@ -272,6 +273,10 @@ class Placeholders:
                 arg = str(self.photo())
             elif arg in ("photos/", "my_photos/"):
                 arg = str(self.photos())
+            elif arg == "val/":  # a labelled ImageFolder tree: the trained test model's validation split
+                from models import digits
+
+                arg = str(digits.make_imagefolder() / "val")
             elif arg.endswith((".pth", ".pt")) and arg != "best.pt":
                 arg = str(self.checkpoint())
             elif arg.endswith("classes.txt"):
