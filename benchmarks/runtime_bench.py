@@ -8,32 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
 import numpy as np
 
 from runtime import EdgeRuntimeError, load
+from runtime.bench import peak_rss_mb, rss_mb
 from runtime.cli import OneLineParser, cli_main, int_in
 from runtime.engines import import_mnn, import_openvino, mnn_runtime_manager, openvino_config, stdout_silenced
 from runtime.predictor import ENGINE_CHOICES
 
 MAX_RUNS = 10_000_000  # 80 MB of latencies; more is a typo
-
-
-def rss_mb() -> float:
-    """Current resident set size (Linux /proc; elsewhere the peak, which is all getrusage offers)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 2**20 if sys.platform == "darwin" else kb / 2**10  # macOS reports bytes, Linux KiB
 
 
 def bare_engine_call(path: str, backend: str, threads: int, precision: str, x: np.ndarray):

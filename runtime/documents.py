@@ -70,13 +70,18 @@ def read_document(path, schema, what: str, fix: str = "", max_bytes: int = MAX_D
     """The JSON document at `path`, validated against `schema` (a msgspec.Struct), as plain Python data (dicts
     and lists: fields the schema does not declare are kept, e.g. for rewriting the document). One line
     naming the field on any violation."""
-    data = read_bytes(path, what, max_bytes, error)
-    suffix = f"; {fix}" if fix else ""
-    try:
-        raw = msgspec.json.decode(data)
-    except msgspec.DecodeError as e:
-        raise error(f"{what} {os.fspath(path)}: not JSON ({str(e).split(' - ')[0]}){suffix}") from None
-    except RecursionError:
-        raise error(f"{what} {os.fspath(path)}: nested too deeply to be a real document{suffix}") from None
+    raw = decode_json(read_bytes(path, what, max_bytes, error), f"{what} {os.fspath(path)}", fix, error)
     check_document(raw, schema, f"{what} {os.fspath(path)}", fix, error)
     return raw
+
+
+def decode_json(data, what: str, fix: str = "", error: type[Exception] = EdgeRuntimeError):
+    """JSON text or bytes → plain Python data, or `error` in one line: not JSON, or nested too deeply (msgspec
+    recurses: a 200,000-deep document raises RecursionError, caught here)."""
+    suffix = f"; {fix}" if fix else ""
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError as e:
+        raise error(f"{what}: not JSON ({str(e).split(' - ')[0]}){suffix}") from None
+    except RecursionError:
+        raise error(f"{what}: nested too deeply to be a real document{suffix}") from None

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Optional
 
 import msgspec
 
+from .documents import decode_json
 from .errors import EdgeRuntimeError
 from .images import MAX_IMAGE_SIDE
 
@@ -134,12 +135,7 @@ def read_metadata(text: str | bytes, name: str = "model") -> dict:
     if len(text) > MAX_METADATA_BYTES:
         raise EdgeRuntimeError(f"{name}: metadata is {len(text)} bytes, over the {MAX_METADATA_BYTES} a model's "
                                "metadata may take; re-export the model")
-    try:
-        meta = msgspec.json.decode(text)
-    except msgspec.DecodeError as e:
-        raise EdgeRuntimeError(f"{name}: metadata is not valid JSON ({e}); re-export the model") from None
-    except RecursionError:
-        raise EdgeRuntimeError(f"{name}: metadata is nested too deeply to be edgeport's; re-export the model") from None
+    meta = decode_json(text, f"{name}: metadata", "re-export the model")
     if not isinstance(meta, dict):
         return {}
     check_metadata(meta, name)

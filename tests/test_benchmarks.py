@@ -162,7 +162,8 @@ def quick_run(tmp_path_factory):
     out, printed = tmp_path_factory.mktemp("bench"), io.StringIO()
     with contextlib.redirect_stdout(printed):
         rc = main(["--quick", "--models", "fasternet_t0", "--forms", "slicing-conv", "--threads", "1",
-                   "--precision-models", "fasternet_t0", "--mnn-profile", "--out", str(out), "--cache", "none"])
+                   "--engines", "torch,ort,mnn,openvino", "--precision-models", "fasternet_t0", "--mnn-profile",
+                   "--out", str(out), "--cache", "none"])
     return rc, out, printed.getvalue()
 
 
