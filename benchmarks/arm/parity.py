@@ -139,7 +139,8 @@ def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names
             judged = detection_gates(target.name, gates[target.name]) if "detections" in metrics \
                 else gates[target.name]
             row = {"target": target.name, "file": target.file, "engine": target.engine, "cpu": cpu,
-                   "precision": target.precision, "compute": compute, "qemu": run.versions.get("qemu_used"), "device": run.device, "reference": ref_name, "metrics": metrics,
+                   "precision": target.precision, "compute": compute, "qemu": run.versions.get("qemu_used"),
+                   "device": run.device, "reference": ref_name, "metrics": metrics,
                    "max_rel": worst.get("max_rel"), "top1": worst.get("top1"), "gates": judged,
                    "breaches": breaches, "passed": not breaches,
                    "emulated_seconds": round(time.perf_counter() - t0, 2)}
