@@ -1,14 +1,18 @@
-"""Deterministic aarch64 instruction counts per inference for each exported variant of a model.
+"""Deterministic aarch64 instruction counts per inference for each exported variant of a model, for both engines.
 
-    python -m benchmarks.arm.cost [MODEL_DIR ...] [--configs cortex-a53:mnn_fp32 neoverse-n1:mnn_fp16w_low]
+    python -m benchmarks.arm.cost [MODEL_DIR ...] [--configs cortex-a76:ort cortex-a76:mnn_fp32 ...]
                                   [--variants TAG ...]
 
-A MODEL_DIR is artifacts/<model>/ whose form-tag subdirs (fc vs conv MLP, PConv forms, ...) hold the MNN
-targets' files (default: every artifacts/*/). Each variant is counted under each config (qemu -cpu : MNN target
-of export.targets, run at that target's precision) by the insncount TCG plugin: total and by class (load/store,
-SIMD/FP, other), as ratios to the variant with the fc MLP form, and to every other target counted for the same
-variant on the same CPU (e.g. neoverse-n1:mnn_int8 against neoverse-n1:mnn_fp16w_low). Detector directories
-count like classifiers (the input is a letterboxed photo). Writes arm_cost.json and arm_cost.md under
+A MODEL_DIR is artifacts/<model>/ whose form-tag subdirs (fc vs conv MLP, PConv forms, ...) hold the targets'
+files (default: every artifacts/*/). Each variant is counted under each config (qemu -cpu : MNN or onnxruntime
+target of export.targets, run at that target's precision) by the insncount TCG plugin: total and by class
+(load/store, SIMD/FP, other), as ratios to the variant with the fc MLP form, and to every other target counted for
+the same variant on the same CPU (cortex-a76:ort against cortex-a76:mnn_fp32: the engine comparison;
+neoverse-n1:mnn_int8 against neoverse-n1:mnn_fp16w_low). The default CPUs are the boards people buy: cortex-a76
+(Raspberry Pi 5) and cortex-a72 (Raspberry Pi 4); neoverse-n1 (AWS Graviton2, Ampere Altra) and cortex-a53 by
+--configs. onnxruntime is counted only with the qemu 10 that `make arm-setup` builds with TCG plugins (its wheel
+crashes under Debian 12's qemu 7.2); with it present every config is counted by it. Detector directories count
+like classifiers (the input is a letterboxed photo). Writes arm_cost.json and arm_cost.md under
 benchmarks/results/arm/.
 
 Instruction counts are a proxy, not latency.
@@ -27,19 +31,23 @@ from export.tables import markdown_table
 from models.errors import EdgeportError
 from runtime.atomic import write_atomic, write_json
 
-from .parity import MNN_PRECISION, read_metadata
+from .parity import ENGINES, MNN_PRECISION, read_metadata
 from .run import COUNT_KEYS, REPO, guest_infer, versions
 
-DEFAULT_CONFIGS = ("cortex-a53:mnn_fp32", "neoverse-n1:mnn_fp32", "neoverse-n1:mnn_fp16w_low")
+# Raspberry Pi 5 (cortex-a76: ARMv8.2, fp16 arithmetic and dot product) with both engines and MNN's fp16 path;
+# Raspberry Pi 4 (cortex-a72: ARMv8.0, no fp16 arithmetic) with both engines.
+DEFAULT_CONFIGS = ("cortex-a76:ort", "cortex-a76:mnn_fp32", "cortex-a76:mnn_fp16w_low",
+                   "cortex-a72:ort", "cortex-a72:mnn_fp32")
 FP32 = targets.get("mnn_fp32")
-PROXY_NOTE = ("Instruction counts are a proxy, not latency: qemu counts the guest instructions MNN's "
+ONNX = targets.get("ort")
+PROXY_NOTE = ("Instruction counts are a proxy, not latency: qemu counts the guest instructions the engines' "
               "aarch64 kernels execute, with no model of pipelines, caches, memory bandwidth or the "
               "throughput of fp16 versus fp32 units; emulated wall time is not ARM latency either. Use the "
               "ratios to compare variants, and measure on a board before quoting speed.")
 
 
 def variant_dirs(model_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in model_dir.glob(f"*/{FP32.file}"))
+    return sorted({p.parent for f in (FP32.file, ONNX.file) for p in model_dir.glob(f"*/{f}")})
 
 
 def parse_config(spec: str) -> tuple[str, targets.Target]:
@@ -48,8 +56,11 @@ def parse_config(spec: str) -> tuple[str, targets.Target]:
     cpu, _, name = spec.partition(":")
     name, _, precision = name.partition("@")
     target = targets.get(name or FP32.name)
-    if target.engine != "mnn":
-        raise EdgeportError(f"--configs {spec}: {target.name} is not an MNN target")
+    if target.engine not in ENGINES:
+        raise EdgeportError(f"--configs {spec}: {target.name} is not an MNN or onnxruntime target")
+    if precision and target.engine != "mnn":
+        raise EdgeportError(f"--configs {spec}: onnxruntime runs {target.file} at its own precision; drop "
+                            f"'@{precision}'")
     if precision and precision not in MNN_PRECISION:
         raise EdgeportError(f"--configs {spec}: precision '{precision}'; use {' or '.join(MNN_PRECISION)}")
     if precision and precision != target.precision:
@@ -100,7 +111,7 @@ def cost_model(model_dir, configs=DEFAULT_CONFIGS, baseline=None, repeat=2, cach
     if only:
         vdirs = [d for d in vdirs if d.name in only]
     if not vdirs:
-        raise EdgeportError(f"no <form-tag>/{FP32.file} under {model_dir}"
+        raise EdgeportError(f"no <form-tag>/{FP32.file} or {ONNX.file} under {model_dir}"
                             + (f" for variants {', '.join(only)}" if only else "")
                             + "; export the model (make export)")
     host_versions = versions(cache)
@@ -143,6 +154,9 @@ def markdown(report: dict) -> str:
              f"Input: {report['input']}. Counting: {report['method']}", ""]
     v = report["versions"]
     lines += ["Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)), ""]
+    used = sorted({r["versions"].get("qemu_used") for m in report["models"] for r in m["rows"]} - {None})
+    if used:
+        lines += [f"Counted by qemu-aarch64 {' and '.join(used)}.", ""]
     for m in report["models"]:
         lines += [f"## {m['model']} (baseline for ratios: `{m['baseline']}`)", ""]
         rows = []
@@ -173,7 +187,7 @@ def precision_lines(rows: list[dict]) -> list[str]:
 
 
 def default_model_dirs(root="artifacts") -> list[str]:
-    found = glob.glob(os.path.join(root, "*", "*", FP32.file))
+    found = glob.glob(os.path.join(root, "*", "*", FP32.file)) + glob.glob(os.path.join(root, "*", "*", ONNX.file))
     return sorted({os.path.dirname(os.path.dirname(p)) for p in found})
 
 
@@ -181,7 +195,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="aarch64 instruction counts per inference, per exported variant")
     p.add_argument("model_dirs", nargs="*", help="artifacts/<model>/ dirs (default: all under artifacts/)")
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
-                   help="CPU:TARGET pairs (qemu -cpu model : MNN target, e.g. neoverse-n1:mnn_fp16w_low)")
+                   help="CPU:TARGET pairs (qemu -cpu model : MNN or onnxruntime target, e.g. cortex-a76:ort "
+                        f"neoverse-n1:mnn_fp16w_low; default {' '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--baseline", default=None,
                    help="variant (form-tag dir) the ratios divide by (default: the fc MLP form)")
     p.add_argument("--repeat", type=int, default=2, help="count each config this many times (must agree)")
@@ -192,7 +207,8 @@ def main(argv=None) -> int:
     try:
         dirs = a.model_dirs or default_model_dirs()
         if not dirs:
-            raise EdgeportError(f"no artifacts/<model>/<form>/{FP32.file}; run `make export` or pass model dirs")
+            raise EdgeportError(f"no artifacts/<model>/<form>/{FP32.file} or {ONNX.file}; run `make export` or "
+                                "pass model dirs")
         models = []
         for d in dirs:
             print(f"{d}:", flush=True)
@@ -202,7 +218,8 @@ def main(argv=None) -> int:
                   "input": "export.inputs.sample_batch(n_images=1, n_random=0): one photo through the "
                            "model's preprocessing, batch 1",
                   "method": "insncount TCG plugin; per config: 1 uncounted inference, 2 counted ones, the "
-                            "second reported; MNN numThread 1, ASLR off, PYTHONHASHSEED=0",
+                            "second reported; MNN numThread 1, onnxruntime 1 intra-op thread, ASLR off, "
+                            "PYTHONHASHSEED=0",
                   "configs": a.configs, "models": models}
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

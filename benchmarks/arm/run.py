@@ -216,13 +216,13 @@ def run_mnn_arm(mnn_path, inputs: np.ndarray, cpu: str = "cortex-a53", precision
     return guest_infer(mnn_path, inputs, cpu, precision, cache=cache).outputs
 
 
-def count_instructions(mnn_path, input: np.ndarray, cpu: str = "cortex-a53", precision: str = "normal",
+def count_instructions(model_path, input: np.ndarray, cpu: str = "cortex-a53", precision: str = "normal",
                        cache=None) -> dict[str, int]:
-    """Guest instructions of one inference of `input` (its first sample), total and by class.
+    """Guest instructions of one inference of `input` (its first sample) by the .mnn or .onnx, total and by class.
 
     The model runs once untimed, then twice counted; the second counted run is returned (steady state:
     the first still differs by a few hundred instructions of Python-side warm-up)."""
-    run = guest_infer(mnn_path, np.asarray(input)[:1], cpu, precision, counted_runs=2, cache=cache)
+    run = guest_infer(model_path, np.asarray(input)[:1], cpu, precision, counted_runs=2, cache=cache)
     return {k: int(run.counts[-1][k]) for k in COUNT_KEYS}
 
 
