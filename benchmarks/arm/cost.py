@@ -32,7 +32,7 @@ from models.errors import EdgeportError
 from runtime.atomic import write_atomic, write_json
 
 from .parity import ENGINES, MNN_PRECISION, read_metadata
-from .run import COUNT_KEYS, REPO, guest_infer, versions
+from .run import COUNT_KEYS, COUNTED_RUNS, REPO, guest_infer, steady_counts, versions
 
 # Raspberry Pi 5 (cortex-a76: ARMv8.2, fp16 arithmetic and dot product) with both engines and MNN's fp16 path;
 # Raspberry Pi 4 (cortex-a72: ARMv8.0, no fp16 arithmetic) with both engines.
@@ -41,7 +41,7 @@ DEFAULT_CONFIGS = ("cortex-a76:ort", "cortex-a76:mnn_fp32", "cortex-a76:mnn_fp16
 FP32 = targets.get("mnn_fp32")
 ONNX = targets.get("ort")
 # Under Debian 12's qemu 7.2 MNN's counts repeat exactly; under qemu 10 (needed for onnxruntime) separate runs of
-# the same file differed by up to a few 1e-5 (onnxruntime, MNN): far below the differences compared here (%).
+# the same file differed by up to ~1e-5 (run.steady_counts): far below the differences compared here (%).
 REPEAT_TOLERANCE = 1e-3
 PROXY_NOTE = ("Instruction counts are a proxy, not latency: qemu counts the guest instructions the engines' "
               "aarch64 kernels execute, with no model of pipelines, caches, memory bandwidth or the "
@@ -93,9 +93,9 @@ def count_variant(vdir: Path, meta: dict, cpu: str, target, repeat: int, cache) 
     if not path.is_file():
         return None
     x = sample_batch(meta, n_images=1, n_random=0)
-    runs = [guest_infer(path, x, cpu, MNN_PRECISION[target.precision], counted_runs=2, cache=cache)
+    runs = [guest_infer(path, x, cpu, MNN_PRECISION[target.precision], counted_runs=COUNTED_RUNS, cache=cache)
             for _ in range(repeat)]
-    counts = [{k: int(r.counts[-1][k]) for k in COUNT_KEYS} for r in runs]
+    counts = [steady_counts(r) for r in runs]
     totals = [c["total"] for c in counts]
     repeatable = all(c == counts[0] for c in counts) if repeat > 1 else None  # None: not checked
     return {"file": path.name, "counts": min(counts, key=lambda c: c["total"]), "repeatable": repeatable,
@@ -230,9 +230,9 @@ def main(argv=None) -> int:
         report = {"note": PROXY_NOTE, "versions": versions(a.cache),
                   "input": "export.inputs.sample_batch(n_images=1, n_random=0): one photo through the "
                            "model's preprocessing, batch 1",
-                  "method": "insncount TCG plugin; per config and repeat: 1 uncounted inference, 2 counted "
-                            "ones, the second kept; the smallest of the repeats reported; MNN numThread 1, "
-                            "onnxruntime 1 intra-op thread, ASLR off, PYTHONHASHSEED=0",
+                  "method": f"insncount TCG plugin; per config and repeat: 1 uncounted inference, {COUNTED_RUNS} "
+                            "counted ones, the smallest after the first kept; the smallest of the repeats "
+                            "reported; MNN numThread 1, onnxruntime 1 intra-op thread, ASLR off, PYTHONHASHSEED=0",
                   "configs": a.configs, "models": models}
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
