@@ -40,9 +40,10 @@ DEFAULT_CONFIGS = ("cortex-a76:ort", "cortex-a76:mnn_fp32", "cortex-a76:mnn_fp16
                    "cortex-a72:ort", "cortex-a72:mnn_fp32")
 FP32 = targets.get("mnn_fp32")
 ONNX = targets.get("ort")
-# Under Debian 12's qemu 7.2 MNN's counts repeat exactly; under qemu 10 (needed for onnxruntime) separate runs of
-# the same file differed by up to ~1e-5 (run.steady_counts): far below the differences compared here (%).
-REPEAT_TOLERANCE = 1e-3
+# MNN's counts repeat exactly (qemu 7.2 and 10). onnxruntime's, under qemu 10, repeat within ~1e-5 when no
+# counted run executes its occasional extra ~0.3 % (run.steady_counts), else within 3e-3: below the form and
+# engine differences compared here (2-25 %).
+REPEAT_TOLERANCE = 5e-3
 PROXY_NOTE = ("Instruction counts are a proxy, not latency: qemu counts the guest instructions the engines' "
               "aarch64 kernels execute, with no model of pipelines, caches, memory bandwidth or the "
               "throughput of fp16 versus fp32 units; emulated wall time is not ARM latency either. Use the "
