@@ -10,8 +10,8 @@ target of export.targets, run at that target's precision) by the insncount TCG p
 the same variant on the same CPU (cortex-a76:ort against cortex-a76:mnn_fp32: the engine comparison;
 neoverse-n1:mnn_int8 against neoverse-n1:mnn_fp16w_low). The default CPUs are the boards people buy: cortex-a76
 (Raspberry Pi 5) and cortex-a72 (Raspberry Pi 4); neoverse-n1 (AWS Graviton2, Ampere Altra) and cortex-a53 by
---configs. onnxruntime is counted only with the qemu 10 that `make arm-setup` builds with TCG plugins (its wheel
-crashes under Debian 12's qemu 7.2); with it present every config is counted by it. Detector directories count
+--configs. MNN is counted under Debian 12's qemu 7.2 (exactly repeatable), onnxruntime under the qemu 10 that
+`make arm-setup` builds with TCG plugins (its wheel crashes under 7.2); see benchmarks/arm/run.py. Detector directories count
 like classifiers (the input is a letterboxed photo). Writes arm_cost.json and arm_cost.md under
 benchmarks/results/arm/.
 
@@ -40,7 +40,7 @@ DEFAULT_CONFIGS = ("cortex-a76:ort", "cortex-a76:mnn_fp32", "cortex-a76:mnn_fp16
                    "cortex-a72:ort", "cortex-a72:mnn_fp32")
 FP32 = targets.get("mnn_fp32")
 ONNX = targets.get("ort")
-# MNN's counts repeat exactly (qemu 7.2 and 10). onnxruntime's, under qemu 10, repeat within ~1e-5 when no
+# MNN's counts repeat exactly (qemu 7.2). onnxruntime's, under qemu 10, repeat within ~4e-5 when no
 # counted run executes its occasional extra ~0.3 % (run.steady_counts), else within 3e-3: below the form and
 # engine differences compared here (2-25 %).
 REPEAT_TOLERANCE = 5e-3

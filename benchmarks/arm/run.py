@@ -3,11 +3,13 @@ Debian's CPython + the engines' aarch64 wheels, built by `make arm-setup`) and c
 inference.
 
 Three qemu-aarch64 builds, picked per run (ArmEnv.emulator):
-  - the host's qemu-user (Debian 12: 7.2, with TCG plugins): MNN's parity, and MNN's counts when the next is absent;
+  - the host's qemu-user (Debian 12: 7.2, with TCG plugins): MNN's parity and counts (which repeat exactly under
+    it; under qemu 10 they differ by a few instructions from run to run, ~1e-7);
   - cache/qemu10: trixie's static qemu-user 10.0 (no plugins): onnxruntime's parity (its aarch64 wheel segfaults
     under 7.2 with every -cpu);
-  - cache/qemu-count: qemu 10.0 built from trixie's source with plugins (`make arm-setup`): every count when
-    present, so both engines are counted by the same emulator; onnxruntime's counts need it.
+  - cache/qemu-count: qemu 10.0 built from trixie's source with plugins (`make arm-setup`): onnxruntime's counts.
+The same .mnn counted by both: 125,361,765 instructions (7.2) against 125,361,736 (10): the emulator's version
+does not move an engine comparison.
 
 Emulated wall time says nothing about ARM latency; instruction counts are a deterministic proxy, not latency.
 """
@@ -73,19 +75,20 @@ class ArmEnv:
 
     def can_count(self, engine: str) -> bool:
         """Whether instructions of `engine` can be counted here (onnxruntime: only with the built qemu 10)."""
-        return self.count_qemu.exists() and self.count_plugin.exists() or (
-            engine == "mnn" and shutil.which("qemu-aarch64") is not None and self.plugin.exists())
+        if engine == "onnxruntime":
+            return self.count_qemu.exists() and self.count_plugin.exists()
+        return shutil.which("qemu-aarch64") is not None and self.plugin.exists()
 
     def emulator(self, engine: str = "mnn", counting: bool = False) -> tuple[str, Path | None]:
         """(qemu-aarch64 path, TCG plugin or None) that runs `engine`, counting instructions or not."""
-        if counting and self.count_qemu.exists() and self.count_plugin.exists():
-            return str(self.count_qemu), self.count_plugin
-        if engine == "onnxruntime":
-            if counting:
+        if engine != "onnxruntime":
+            return "qemu-aarch64", self.plugin if counting else None
+        if counting:
+            if not self.can_count(engine):
                 raise EdgeportError("counting onnxruntime needs qemu 10 with TCG plugins "
                                     f"({self.count_qemu} missing); build it once with `make arm-setup`")
-            return str(self.qemu10 if self.qemu10.exists() else self.count_qemu), None
-        return "qemu-aarch64", self.plugin if counting else None
+            return str(self.count_qemu), self.count_plugin
+        return str(self.qemu10 if self.qemu10.exists() else self.count_qemu), None
 
     def missing(self, engine: str = "mnn") -> str | None:
         """Why the environment cannot run `engine` ("mnn" or "onnxruntime"), or None when it can."""
@@ -222,9 +225,9 @@ COUNTED_RUNS = 4
 def steady_counts(run: GuestRun) -> dict[str, int]:
     """The counts of one steady-state inference: the smallest total among the counted runs after the first.
 
-    The first counted run still differs by a few hundred instructions of Python-side warm-up. Under qemu 10,
-    onnxruntime's inference sometimes executes ~0.3 % more instructions (about 410 k of fasternet_t0's 148 M,
-    cause not found); the smallest of three is the run without them."""
+    The first counted run still differs by a few hundred instructions of Python-side warm-up. onnxruntime's
+    inference (under qemu 10) sometimes executes 0.1-0.3 % more instructions (163-410 k of fasternet_t0's 148 M,
+    cause not found); the smallest of three is usually a run without them."""
     steady = min(run.counts[1:] or run.counts, key=lambda c: c["total"])
     return {k: int(steady[k]) for k in COUNT_KEYS}
 
