@@ -11,8 +11,8 @@ the same variant on the same CPU (cortex-a76:ort against cortex-a76:mnn_fp32: th
 neoverse-n1:mnn_int8 against neoverse-n1:mnn_fp16w_low). The default CPUs are the boards people buy: cortex-a76
 (Raspberry Pi 5) and cortex-a72 (Raspberry Pi 4); neoverse-n1 (AWS Graviton2, Ampere Altra) and cortex-a53 by
 --configs. MNN is counted under Debian 12's qemu 7.2 (exactly repeatable), onnxruntime under the qemu 10 that
-`make arm-setup` builds with TCG plugins (its wheel crashes under 7.2); see benchmarks/arm/run.py. Detector directories count
-like classifiers (the input is a letterboxed photo). Writes arm_cost.json and arm_cost.md under
+`make arm-setup` builds with TCG plugins (its wheel crashes under 7.2); see benchmarks/arm/run.py. Detector
+directories count like classifiers (the input is a letterboxed photo). Writes arm_cost.json and arm_cost.md under
 benchmarks/results/arm/.
 
 Instruction counts are a proxy, not latency.
