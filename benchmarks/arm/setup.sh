@@ -2,14 +2,18 @@
 # Build the aarch64 guest environment used by `make arm` / `make arm-cost`, from Debian's archive and the
 # Python package registry only.  Idempotent: every step is skipped when its output is already in place.
 #
-#   setup.sh CACHE_DIR HOST_PYTHON
+#   setup.sh CACHE_DIR HOST_PYTHON [--counting]
 #
 # CACHE_DIR/
 #   apt/       private APT configuration, lists and archives (APT::Architecture arm64; the host's dpkg is untouched)
 #   sysroot/   arm64 .debs unpacked with `dpkg -x`: glibc, libstdc++, CPython 3.11  (qemu-aarch64 -L sysroot)
-#   site/      MNN + numpy aarch64 wheels installed with pip --target (the guest's PYTHONPATH)
-#   plugin/    qemu-plugin.h (from Debian's qemu source package) and libinsncount.so
-#   versions.json  qemu, glibc, Python, MNN and numpy versions as seen by the guest
+#   site/      MNN + numpy + onnxruntime aarch64 wheels installed with pip --target (the guest's PYTHONPATH)
+#   plugin/    qemu-plugin.h (from Debian's qemu source package) and libinsncount.so, for the host's qemu (MNN)
+#   apt-trixie/  private APT configuration for Debian 13 (trixie), amd64 + deb-src
+#   qemu10/    trixie's qemu-user .deb unpacked: static qemu-aarch64 10.0, no plugins (onnxruntime's parity)
+#   qemu-count/  --counting only: qemu-aarch64 10.0 built from trixie's source with TCG plugins, its qemu-plugin.h
+#              and libinsncount.so (onnxruntime's instruction counts); built once (~15-30 min), then kept
+#   versions.json  qemu, glibc, Python, MNN, numpy and onnxruntime versions as seen by the guest
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/../private_apt.sh"
 
@@ -124,7 +128,7 @@ if [ ! -f "$PLUGIN/libinsncount.so" ] || [ "$HERE/insncount.c" -nt "$PLUGIN/libi
     mv "$PLUGIN/libinsncount.so.tmp" "$PLUGIN/libinsncount.so"
 fi
 
-# 7. qemu 10 for onnxruntime: ORT's aarch64 wheel segfaults under Debian 12's qemu-user 7.2 with every -cpu and
+# 6. qemu 10 for onnxruntime: ORT's aarch64 wheel segfaults under Debian 12's qemu-user 7.2 with every -cpu and
 #    runs under trixie's 10.0.  Trixie's qemu-user .deb ships static binaries (no plugin support): unpacked, it
 #    runs the parity of ONNX files.  Its source package is what step 8 builds the counting qemu from.
 TRIXIE=$CACHE/apt-trixie
@@ -157,7 +161,7 @@ if [ ! -x "$QEMU10/usr/bin/qemu-aarch64" ]; then
 fi
 say "qemu for onnxruntime: $("$QEMU10/usr/bin/qemu-aarch64" --version | head -1)"
 
-# 8. The counting qemu (`setup.sh ... --counting`, i.e. `make arm-setup`): user-mode aarch64 only, with TCG plugin
+# 7. The counting qemu (`setup.sh ... --counting`, i.e. `make arm-setup`): user-mode aarch64 only, with TCG plugin
 #    support, built once from trixie's qemu source package (Debian's patches applied) and kept under qemu-count/.
 #    Needs glib's headers (installed as root when missing) and meson >= 1.5 (PyPI, in a build venv: Debian's
 #    repacked source drops qemu's bundled meson wheel).  ~15-30 min of compiling on 2 cores, once.
@@ -201,7 +205,7 @@ if [ -x "$COUNT/bin/qemu-aarch64" ]; then
     say "counting qemu: $("$COUNT/bin/qemu-aarch64" --version | head -1)"
 fi
 
-# 6. Smoke test + versions, as the guest sees them. This first guest run also writes the .pyc caches of the
+# 8. Smoke test + versions, as the guest sees them. This first guest run also writes the .pyc caches of the
 #    modules the guest imports (Debian's stdlib .debs ship none), so later runs start faster.
 if [ ! -s "$CACHE/versions.json" ] || [ "$HERE/setup.sh" -nt "$CACHE/versions.json" ] ||
     [ "$COUNT/bin/qemu-aarch64" -nt "$CACHE/versions.json" ]; then
