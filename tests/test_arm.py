@@ -1,4 +1,5 @@
-"""MNN's aarch64 kernels under qemu-user: parity gates and instruction counts (needs `make arm-setup`).
+"""MNN's and onnxruntime's aarch64 kernels under qemu-user: parity gates and instruction counts (needs
+`make arm-setup`).
 
 Run with: .venv/bin/python -m pytest tests/test_arm.py -m arm   (`make test` skips these)."""
 import json
@@ -97,3 +98,66 @@ def test_precision_low_is_fp16_only_where_the_cpu_has_it(tiny_dir, inputs, outpu
              for cpu in ("cortex-a53", "neoverse-n1")}
     assert 0 < drift["neoverse-n1"] and drift["cortex-a53"] < drift["neoverse-n1"], drift
     assert drift["neoverse-n1"] <= 3e-2, drift  # within the mnn_low gate
+
+
+_ORT_MISSING = arm_env().missing("onnxruntime")
+needs_ort = pytest.mark.skipif(bool(_ORT_MISSING), reason=f"onnxruntime's qemu 10 not set up ({_ORT_MISSING}); "
+                                                          "run `make arm-setup`")
+
+
+@needs_ort
+def test_onnx_parity_passes_under_qemu10(tiny_dir):
+    """model.onnx on onnxruntime's aarch64 kernels (cortex-a76 under qemu 10), judged with the host's ort gate."""
+    from benchmarks.arm.parity import check_dir
+    from export import targets
+
+    report = check_dir(tiny_dir, cpus=["cortex-a76"], target_names=["ort"], n_images=2, n_random=1,
+                       log=lambda s: None)
+    (row,) = report["rows"]
+    assert (row["target"], row["engine"], row["file"]) == ("ort", "onnxruntime", "model.onnx")
+    assert row["qemu"].startswith("10."), row["qemu"]
+    assert row["max_rel"] <= targets.get("ort").gates["max_rel"] and row["top1"] == 1.0 and report["passed"]
+
+
+@needs_ort
+def test_onnx_gate_catches_changed_weights(tiny_dir, tmp_path, monkeypatch):
+    """A model.onnx whose weights changed after export (one conv's weights × 1.01) runs in the guest and fails the
+    ort gate against the exported model's outputs."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from benchmarks.arm import parity
+
+    shutil.copytree(tiny_dir, tmp_path / "bad")
+    model = onnx.load(str(tmp_path / "bad" / "model.onnx"))
+    init = next(i for i in model.graph.initializer if numpy_helper.to_array(i).ndim == 4)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.01), init.name))
+    onnx.save(model, str(tmp_path / "bad" / "model.onnx"))
+    good = Path(tiny_dir) / "model.onnx"  # the reference stays the exported file, as a manifest's would
+    monkeypatch.setattr(parity, "reference_for", lambda d, meta: (
+        lambda x: parity.onnx_reference(good, x, list(meta["output_names"])), "onnxruntime"))
+    report = parity.check_dir(tmp_path / "bad", cpus=["cortex-a76"], target_names=["ort"], n_images=2,
+                              n_random=1, log=lambda s: None)
+    (row,) = report["rows"]
+    assert not row["passed"] and not report["passed"] and row["breaches"], row
+
+
+@pytest.mark.skipif(not arm_env().can_count("onnxruntime"),
+                    reason="onnxruntime is counted only by the qemu 10 with plugins that `make arm-setup` builds")
+def test_onnxruntime_counted_under_qemu10(tiny_dir, inputs):
+    """onnxruntime counted by the qemu 10 with plugins: repeats agree within arm-cost's tolerance, and its count
+    differs from MNN's on the same model by far more than that."""
+    from benchmarks.arm import count_instructions
+    from benchmarks.arm.cost import REPEAT_TOLERANCE
+    from benchmarks.arm.run import arm_env
+
+    assert arm_env().emulator("onnxruntime", counting=True)[0].endswith("qemu-count/bin/qemu-aarch64")
+    path = os.path.join(tiny_dir, "model.onnx")
+    first, second = (count_instructions(path, inputs, "cortex-a76") for _ in range(2))
+    assert abs(first["total"] / second["total"] - 1) <= REPEAT_TOLERANCE, (first, second)
+    assert first["total"] == first["load_store"] + first["simd_fp"] + first["other"] > 0
+    mnn = count_instructions(os.path.join(tiny_dir, "model.mnn"), inputs, "cortex-a76")
+    assert abs(first["total"] / mnn["total"] - 1) > 10 * REPEAT_TOLERANCE, (first, mnn)

@@ -332,8 +332,11 @@ def test_arm_cost_config_can_run_a_target_at_another_precision():
     assert cost.parse_config("neoverse-n1:mnn_fp16w_low@low")[1].name == "mnn_fp16w_low"  # already low
     with pytest.raises(EdgeportError, match="precision 'fp8'"):
         cost.parse_config("neoverse-n1:mnn_int8@fp8")
-    with pytest.raises(EdgeportError, match="not an MNN target"):
-        cost.parse_config("neoverse-n1:ort_int8")
+    assert cost.parse_config("cortex-a76:ort")[1].file == "model.onnx"  # onnxruntime is counted too
+    with pytest.raises(EdgeportError, match="drop '@low'"):
+        cost.parse_config("cortex-a76:ort_int8@low")
+    with pytest.raises(EdgeportError, match="not an MNN or onnxruntime target"):
+        cost.parse_config("cortex-a76:torch_inference")
 
 
 def test_quick_run_prints_the_tables(quick_run):

@@ -115,7 +115,7 @@ def test_arm_parity_judges_int8_on_held_out_images_like_the_host(tmp_path, monke
     monkeypatch.setattr(arm, "guest_infer", host_as_guest)
     monkeypatch.setattr(arm, "versions", lambda cache=None: {})  # no ARM environment needed
     report = arm.check_dir(tmp_path, quick=True, log=lambda line: None)
-    assert {r["target"] for r in report["rows"]} == {"mnn_fp32", "mnn_low", "mnn_int8"}
+    assert {r["target"] for r in report["rows"]} == {"ort", "mnn_fp32", "mnn_low", "mnn_int8"}
     np.testing.assert_array_equal(seen["model.int8.mnn"], held_out_inputs(meta, 4))
     assert not np.array_equal(seen["model.mnn"], seen["model.int8.mnn"])
 
@@ -125,13 +125,13 @@ def test_arm_parity_runs_the_targets_an_export_shipped(tmp_path):
     must judge what the manifest lists, not every target whose file happens to be there."""
     import json
 
-    from benchmarks.arm.parity import mnn_targets
+    from benchmarks.arm.parity import guest_targets
 
-    for name in ("model.mnn", "model.fp16.mnn"):
+    for name in ("model.onnx", "model.mnn", "model.fp16.mnn"):
         (tmp_path / name).write_bytes(b"")
-    every = {t.name for t in mnn_targets(tmp_path)}
-    assert every == {"mnn_fp32", "mnn_fp16w", "mnn_low", "mnn_fp16w_low"}
+    every = {t.name for t in guest_targets(tmp_path)}
+    assert every == {"ort", "mnn_fp32", "mnn_fp16w", "mnn_low", "mnn_fp16w_low"}
     (tmp_path / "manifest.json").write_text(json.dumps(
         {"export": {"targets": list(targets.default_targets("detection"))}}))
-    assert {t.name for t in mnn_targets(tmp_path)} == {"mnn_fp32", "mnn_fp16w"}
-    assert [t.name for t in mnn_targets(tmp_path, ["mnn_low"])] == ["mnn_low"]  # --targets still reaches it
+    assert {t.name for t in guest_targets(tmp_path)} == {"ort", "mnn_fp32", "mnn_fp16w"}
+    assert [t.name for t in guest_targets(tmp_path, ["mnn_low"])] == ["mnn_low"]  # --targets still reaches it

@@ -1,14 +1,18 @@
-"""Deterministic aarch64 instruction counts per inference for each exported variant of a model.
+"""Deterministic aarch64 instruction counts per inference for each exported variant of a model, for both engines.
 
-    python -m benchmarks.arm.cost [MODEL_DIR ...] [--configs cortex-a53:mnn_fp32 neoverse-n1:mnn_fp16w_low]
+    python -m benchmarks.arm.cost [MODEL_DIR ...] [--configs cortex-a76:ort cortex-a76:mnn_fp32 ...]
                                   [--variants TAG ...]
 
-A MODEL_DIR is artifacts/<model>/ whose form-tag subdirs (fc vs conv MLP, PConv forms, ...) hold the MNN
-targets' files (default: every artifacts/*/). Each variant is counted under each config (qemu -cpu : MNN target
-of export.targets, run at that target's precision) by the insncount TCG plugin: total and by class (load/store,
-SIMD/FP, other), as ratios to the variant with the fc MLP form, and to every other target counted for the same
-variant on the same CPU (e.g. neoverse-n1:mnn_int8 against neoverse-n1:mnn_fp16w_low). Detector directories
-count like classifiers (the input is a letterboxed photo). Writes arm_cost.json and arm_cost.md under
+A MODEL_DIR is artifacts/<model>/ whose form-tag subdirs (fc vs conv MLP, PConv forms, ...) hold the targets'
+files (default: every artifacts/*/). Each variant is counted under each config (qemu -cpu : MNN or onnxruntime
+target of export.targets, run at that target's precision) by the insncount TCG plugin: total and by class
+(load/store, SIMD/FP, other), as ratios to the variant with the fc MLP form, and to every other target counted for
+the same variant on the same CPU (cortex-a76:ort against cortex-a76:mnn_fp32: the engine comparison;
+neoverse-n1:mnn_int8 against neoverse-n1:mnn_fp16w_low). The default CPUs are the boards people buy: cortex-a76
+(Raspberry Pi 5) and cortex-a72 (Raspberry Pi 4); neoverse-n1 (AWS Graviton2, Ampere Altra) and cortex-a53 by
+--configs. MNN is counted under Debian 12's qemu 7.2 (exactly repeatable), onnxruntime under the qemu 10 that
+`make arm-setup` builds with TCG plugins (its wheel crashes under 7.2); see benchmarks/arm/run.py. Detector
+directories count like classifiers (the input is a letterboxed photo). Writes arm_cost.json and arm_cost.md under
 benchmarks/results/arm/.
 
 Instruction counts are a proxy, not latency.
@@ -27,19 +31,27 @@ from export.tables import markdown_table
 from models.errors import EdgeportError
 from runtime.atomic import write_atomic, write_json
 
-from .parity import MNN_PRECISION, read_metadata
-from .run import COUNT_KEYS, REPO, guest_infer, versions
+from .parity import ENGINES, MNN_PRECISION, read_metadata
+from .run import COUNT_KEYS, COUNTED_RUNS, REPO, guest_infer, steady_counts, versions
 
-DEFAULT_CONFIGS = ("cortex-a53:mnn_fp32", "neoverse-n1:mnn_fp32", "neoverse-n1:mnn_fp16w_low")
+# Raspberry Pi 5 (cortex-a76: ARMv8.2, fp16 arithmetic and dot product) with both engines and MNN's fp16 path;
+# Raspberry Pi 4 (cortex-a72: ARMv8.0, no fp16 arithmetic) with both engines.
+DEFAULT_CONFIGS = ("cortex-a76:ort", "cortex-a76:mnn_fp32", "cortex-a76:mnn_fp16w_low",
+                   "cortex-a72:ort", "cortex-a72:mnn_fp32")
 FP32 = targets.get("mnn_fp32")
-PROXY_NOTE = ("Instruction counts are a proxy, not latency: qemu counts the guest instructions MNN's "
+ONNX = targets.get("ort")
+# MNN's counts repeat exactly (qemu 7.2). onnxruntime's, under qemu 10, repeat within ~4e-5 when no
+# counted run executes its occasional extra ~0.3 % (run.steady_counts), else within 3e-3: below the form and
+# engine differences compared here (2-25 %).
+REPEAT_TOLERANCE = 5e-3
+PROXY_NOTE = ("Instruction counts are a proxy, not latency: qemu counts the guest instructions the engines' "
               "aarch64 kernels execute, with no model of pipelines, caches, memory bandwidth or the "
               "throughput of fp16 versus fp32 units; emulated wall time is not ARM latency either. Use the "
               "ratios to compare variants, and measure on a board before quoting speed.")
 
 
 def variant_dirs(model_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in model_dir.glob(f"*/{FP32.file}"))
+    return sorted({p.parent for f in (FP32.file, ONNX.file) for p in model_dir.glob(f"*/{f}")})
 
 
 def parse_config(spec: str) -> tuple[str, targets.Target]:
@@ -48,8 +60,11 @@ def parse_config(spec: str) -> tuple[str, targets.Target]:
     cpu, _, name = spec.partition(":")
     name, _, precision = name.partition("@")
     target = targets.get(name or FP32.name)
-    if target.engine != "mnn":
-        raise EdgeportError(f"--configs {spec}: {target.name} is not an MNN target")
+    if target.engine not in ENGINES:
+        raise EdgeportError(f"--configs {spec}: {target.name} is not an MNN or onnxruntime target")
+    if precision and target.engine != "mnn":
+        raise EdgeportError(f"--configs {spec}: onnxruntime runs {target.file} at its own precision; drop "
+                            f"'@{precision}'")
     if precision and precision not in MNN_PRECISION:
         raise EdgeportError(f"--configs {spec}: precision '{precision}'; use {' or '.join(MNN_PRECISION)}")
     if precision and precision != target.precision:
@@ -79,13 +94,21 @@ def count_variant(vdir: Path, meta: dict, cpu: str, target, repeat: int, cache) 
     if not path.is_file():
         return None
     x = sample_batch(meta, n_images=1, n_random=0)
-    runs = [guest_infer(path, x, cpu, MNN_PRECISION[target.precision], counted_runs=2, cache=cache)
+    runs = [guest_infer(path, x, cpu, MNN_PRECISION[target.precision], counted_runs=COUNTED_RUNS, cache=cache)
             for _ in range(repeat)]
-    counts = [{k: int(r.counts[-1][k]) for k in COUNT_KEYS} for r in runs]
+    counts = [steady_counts(r) for r in runs]
+    totals = [c["total"] for c in counts]
     repeatable = all(c == counts[0] for c in counts) if repeat > 1 else None  # None: not checked
-    return {"file": path.name, "counts": counts[0], "repeatable": repeatable,
+    return {"file": path.name, "counts": min(counts, key=lambda c: c["total"]), "repeatable": repeatable,
+            "totals": totals, "spread": round(max(totals) / min(totals) - 1, 7),
             "repeats": repeat, "first_counted_run": runs[0].counts[0], "device": runs[0].device,
             "versions": runs[0].versions}
+
+
+def spread_text(res: dict) -> str:
+    if res.get("repeatable") is None:
+        return "not checked"
+    return "equal" if res["repeatable"] else f"within {res['spread']:.1e}"
 
 
 def ratio(a: dict, b: dict) -> dict:
@@ -100,7 +123,7 @@ def cost_model(model_dir, configs=DEFAULT_CONFIGS, baseline=None, repeat=2, cach
     if only:
         vdirs = [d for d in vdirs if d.name in only]
     if not vdirs:
-        raise EdgeportError(f"no <form-tag>/{FP32.file} under {model_dir}"
+        raise EdgeportError(f"no <form-tag>/{FP32.file} or {ONNX.file} under {model_dir}"
                             + (f" for variants {', '.join(only)}" if only else "")
                             + "; export the model (make export)")
     host_versions = versions(cache)
@@ -123,7 +146,7 @@ def cost_model(model_dir, configs=DEFAULT_CONFIGS, baseline=None, repeat=2, cach
                    **res, "versions": {**host_versions, **res["versions"]}}
             rows.append(row)
             log(f"  {v['variant']:<24} {cpu:<12} {target.name:<14} {row['file']:<16} "
-                f"total {res['counts']['total']:>14,}  repeatable={res['repeatable']}")
+                f"total {res['counts']['total']:>14,}  repeats {spread_text(res)}")
     for r in rows:
         b = [x for x in rows if x["variant"] == base["variant"] and x["cpu"] == r["cpu"]
              and x["target"] == r["target"]]
@@ -143,6 +166,9 @@ def markdown(report: dict) -> str:
              f"Input: {report['input']}. Counting: {report['method']}", ""]
     v = report["versions"]
     lines += ["Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)), ""]
+    used = sorted({r["versions"].get("qemu_used") for m in report["models"] for r in m["rows"]} - {None})
+    if used:
+        lines += [f"Counted by qemu-aarch64 {' and '.join(used)}.", ""]
     for m in report["models"]:
         lines += [f"## {m['model']} (baseline for ratios: `{m['baseline']}`)", ""]
         rows = []
@@ -151,10 +177,10 @@ def markdown(report: dict) -> str:
             rows.append([r["variant"], r["pconv"], r["mlp"], r["cpu"], r["target"], r["file"],
                          *(f"{c[k]:,}" for k in COUNT_KEYS),
                          *(f"{q[k]:.3f}" if q else "-" for k in COUNT_KEYS),
-                         f"{f32['total']:.3f}" if f32 else "-", r["repeatable"]])
+                         f"{f32['total']:.3f}" if f32 else "-", spread_text(r)])
         lines += markdown_table(["variant", "pconv", "mlp", "cpu", "target", "file", "total", "load/store",
                                  "SIMD/FP", "other", "×total vs baseline", "×load/store", "×SIMD/FP", "×other",
-                                 "×total vs mnn_fp32", "repeatable"], rows, "llllllrrrrrrrrrl")
+                                 "×total vs mnn_fp32", "repeats"], rows, "llllllrrrrrrrrrl")
         lines += ["", *precision_lines(m["rows"]), ""]
     return "\n".join(lines)
 
@@ -173,7 +199,7 @@ def precision_lines(rows: list[dict]) -> list[str]:
 
 
 def default_model_dirs(root="artifacts") -> list[str]:
-    found = glob.glob(os.path.join(root, "*", "*", FP32.file))
+    found = glob.glob(os.path.join(root, "*", "*", FP32.file)) + glob.glob(os.path.join(root, "*", "*", ONNX.file))
     return sorted({os.path.dirname(os.path.dirname(p)) for p in found})
 
 
@@ -181,10 +207,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="aarch64 instruction counts per inference, per exported variant")
     p.add_argument("model_dirs", nargs="*", help="artifacts/<model>/ dirs (default: all under artifacts/)")
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
-                   help="CPU:TARGET pairs (qemu -cpu model : MNN target, e.g. neoverse-n1:mnn_fp16w_low)")
+                   help="CPU:TARGET pairs (qemu -cpu model : MNN or onnxruntime target, e.g. cortex-a76:ort "
+                        f"neoverse-n1:mnn_fp16w_low; default {' '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--baseline", default=None,
                    help="variant (form-tag dir) the ratios divide by (default: the fc MLP form)")
-    p.add_argument("--repeat", type=int, default=2, help="count each config this many times (must agree)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help=f"count each config this many times; the smallest total is reported, and the totals must "
+                        f"agree within {REPEAT_TOLERANCE:.0e} (relative) or the exit status is 1")
     p.add_argument("--variants", nargs="+", help="only these variants (form-tag dirs), e.g. split_cat-fc")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "arm"))
     p.add_argument("--cache", default=None, help="ARM environment dir (default .cache/arm)")
@@ -192,7 +221,8 @@ def main(argv=None) -> int:
     try:
         dirs = a.model_dirs or default_model_dirs()
         if not dirs:
-            raise EdgeportError(f"no artifacts/<model>/<form>/{FP32.file}; run `make export` or pass model dirs")
+            raise EdgeportError(f"no artifacts/<model>/<form>/{FP32.file} or {ONNX.file}; run `make export` or "
+                                "pass model dirs")
         models = []
         for d in dirs:
             print(f"{d}:", flush=True)
@@ -201,8 +231,9 @@ def main(argv=None) -> int:
         report = {"note": PROXY_NOTE, "versions": versions(a.cache),
                   "input": "export.inputs.sample_batch(n_images=1, n_random=0): one photo through the "
                            "model's preprocessing, batch 1",
-                  "method": "insncount TCG plugin; per config: 1 uncounted inference, 2 counted ones, the "
-                            "second reported; MNN numThread 1, ASLR off, PYTHONHASHSEED=0",
+                  "method": f"insncount TCG plugin; per config and repeat: 1 uncounted inference, {COUNTED_RUNS} "
+                            "counted ones, the smallest after the first kept; the smallest of the repeats "
+                            "reported; MNN numThread 1, onnxruntime 1 intra-op thread, ASLR off, PYTHONHASHSEED=0",
                   "configs": a.configs, "models": models}
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +243,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\n{PROXY_NOTE}\n-> {out / 'arm_cost.json'}, {out / 'arm_cost.md'}")
-    not_repeatable = [r for m in models for r in m["rows"] if r["repeatable"] is False]
+    not_repeatable = [r for m in models for r in m["rows"] if r.get("spread", 0) > REPEAT_TOLERANCE]
+    for r in not_repeatable:
+        print(f"error: {r['variant']} {r['cpu']}:{r['target']} counts differ by {r['spread']:.1e} between "
+              f"repeats ({r['totals']})", file=sys.stderr)
     return 1 if not_repeatable else 0
 
 

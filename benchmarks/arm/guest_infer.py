@@ -1,8 +1,10 @@
-"""Runs INSIDE the aarch64 guest (qemu-aarch64 + Debian's python3.11): MNN Module API inference on a .npy.
+"""Runs INSIDE the aarch64 guest (qemu-aarch64 + Debian's python3.11): MNN Module API or onnxruntime inference
+on a .npy.
 
-Only the standard library, numpy and MNN exist here; this file must not import the project.
+Only the standard library, numpy, MNN and onnxruntime exist here; this file must not import the project.
 
     guest_infer.py MODEL.mnn INPUTS.npy OUT_DIR [--precision normal|low] [--counted-runs K]
+    guest_infer.py MODEL.onnx INPUTS.npy OUT_DIR --engine onnxruntime [--counted-runs K]
     guest_infer.py --versions
 
 Writes OUT_DIR/out<k>.npy for the k-th output (one row per input sample, each run alone at batch 1) and
@@ -15,6 +17,7 @@ import json
 import os
 import platform
 import sys
+from importlib import metadata
 
 import numpy as np
 
@@ -29,13 +32,33 @@ def mark(fd):
 
 
 def versions():
-    import MNN
-
+    # Read from the installed metadata, not by importing: onnxruntime's import crashes under qemu-user 7.2.
     return {"python": platform.python_version(), "glibc": "-".join(platform.libc_ver()),
-            "machine": platform.machine(), "numpy": np.__version__, "MNN": MNN.version()}
+            "machine": platform.machine(), "numpy": np.__version__, "MNN": metadata.version("MNN"),
+            "onnxruntime": metadata.version("onnxruntime")}
 
 
-def load(model_path, precision):
+class OrtModule:
+    """onnxruntime with the MNN module's interface: one intra-op thread (runtime.load's threads=1)."""
+
+    def __init__(self, model_path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def get_info(self):
+        meta = self.session.get_modelmeta().custom_metadata_map
+        return {"outputNames": [o.name for o in self.session.get_outputs()], "bizCode": meta.get("edgeport")}
+
+
+def load(model_path, precision, engine="mnn"):
+    if engine == "onnxruntime":
+        module = OrtModule(model_path)
+        return module, module.get_info()
     import MNN
 
     config = {"backend": "CPU", "numThread": 1, "precision": precision}
@@ -47,6 +70,8 @@ def load(model_path, precision):
 
 def infer(module, x):
     """One full inference: numpy in, numpy out (the region the plugin counts)."""
+    if isinstance(module, OrtModule):
+        return module.session.run(None, {module.input_name: x})
     import MNN
 
     F = MNN.expr
@@ -62,13 +87,14 @@ def main():
     p.add_argument("out_dir", nargs="?")
     p.add_argument("--precision", default="normal", choices=["normal", "low", "high"])
     p.add_argument("--counted-runs", type=int, default=0)
+    p.add_argument("--engine", default="mnn", choices=["mnn", "onnxruntime"])
     p.add_argument("--versions", action="store_true")
     a = p.parse_args()
     if a.versions:
         print(json.dumps(versions()))
         return 0
 
-    module, info = load(a.model, a.precision)
+    module, info = load(a.model, a.precision, a.engine)
     x = np.ascontiguousarray(np.load(a.inputs), dtype=np.float32)
     rows = [infer(module, x[i:i + 1]) for i in range(len(x))]
     names = list(info["outputNames"])

@@ -9,10 +9,12 @@
  *   x1x0  loads and stores (including SIMD/FP loads and stores)         -> load_store
  *   x111  scalar FP and Advanced SIMD data processing; 0010 SVE         -> simd_fp
  *   everything else (integer data processing, branches, system)        -> other
- * Counting uses inline adds per translation block (counted when the block starts).  Inline adds are not
- * atomic, so figures are exact only while one guest thread runs (MNN numThread 1, OpenBLAS/OMP threads 1).
+ * Counting uses inline adds per translation block (counted when the block starts).  With plugin API 1 (qemu
+ * 7.x) the adds go to one global counter and are not atomic, so figures are exact only while one guest thread
+ * runs (MNN numThread 1, onnxruntime 1 intra-op thread, OpenBLAS/OMP threads 1); with API >= 2 (qemu >= 8.2,
+ * scoreboards) each vCPU has its own counters and a region reports their sum.  The same source builds for both.
  *
- * Build: gcc -O2 -shared -fPIC -I DIR_WITH_qemu-plugin.h -o libinsncount.so insncount.c
+ * Build: gcc -O2 -shared -fPIC -I DIR_WITH_qemu-plugin.h $(pkg-config --cflags glib-2.0) -o libinsncount.so insncount.c
  * Use:   qemu-aarch64 -plugin ./libinsncount.so,out=counts.jsonl ...
  */
 #include <inttypes.h>
@@ -30,8 +32,51 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
 enum { LOAD_STORE, SIMD_FP, OTHER, N_CLASSES };
 
-static uint64_t counts[N_CLASSES];
 static uint64_t at_begin[N_CLASSES];
+#if QEMU_PLUGIN_VERSION >= 2
+typedef struct {
+    uint64_t c[N_CLASSES];
+} vcpu_counts;
+static struct qemu_plugin_scoreboard *board;
+
+static qemu_plugin_u64 entry(int c)
+{
+    return qemu_plugin_scoreboard_u64_in_struct(board, vcpu_counts, c[c]);
+}
+
+static uint64_t read_count(int c)
+{
+    return qemu_plugin_u64_sum(entry(c));
+}
+
+static void add_inline(struct qemu_plugin_tb *tb, int c, uint64_t n)
+{
+    qemu_plugin_register_vcpu_tb_exec_inline_per_vcpu(tb, QEMU_PLUGIN_INLINE_ADD_U64, entry(c), n);
+}
+#else
+static uint64_t counts[N_CLASSES];
+
+static uint64_t read_count(int c)
+{
+    return counts[c];
+}
+
+static void add_inline(struct qemu_plugin_tb *tb, int c, uint64_t n)
+{
+    qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &counts[c], n);
+}
+#endif
+
+static uint32_t insn_word(const struct qemu_plugin_insn *insn)
+{
+    uint32_t word = 0;
+#if QEMU_PLUGIN_VERSION >= 3
+    qemu_plugin_insn_data(insn, &word, sizeof(word));
+#else
+    memcpy(&word, qemu_plugin_insn_data(insn), sizeof(word));
+#endif
+    return word;
+}
 static int in_region;
 static FILE *out;
 
@@ -52,14 +97,11 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb *tb)
     uint64_t n[N_CLASSES] = {0};
     size_t n_insns = qemu_plugin_tb_n_insns(tb);
     for (size_t i = 0; i < n_insns; i++) {
-        struct qemu_plugin_insn *insn = qemu_plugin_tb_get_insn(tb, i);
-        uint32_t word = 0;
-        memcpy(&word, qemu_plugin_insn_data(insn), sizeof(word));
-        n[classify(word)]++;
+        n[classify(insn_word(qemu_plugin_tb_get_insn(tb, i)))]++;
     }
     for (int c = 0; c < N_CLASSES; c++) {
         if (n[c]) {
-            qemu_plugin_register_vcpu_tb_exec_inline(tb, QEMU_PLUGIN_INLINE_ADD_U64, &counts[c], n[c]);
+            add_inline(tb, c, n[c]);
         }
     }
 }
@@ -74,7 +116,9 @@ static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num
         return;
     }
     if (fd == MARK_BEGIN) {
-        memcpy(at_begin, counts, sizeof(counts));
+        for (int c = 0; c < N_CLASSES; c++) {
+            at_begin[c] = read_count(c);
+        }
         in_region = 1;
         return;
     }
@@ -84,7 +128,7 @@ static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num
     in_region = 0;
     uint64_t d[N_CLASSES];
     for (int c = 0; c < N_CLASSES; c++) {
-        d[c] = counts[c] - at_begin[c];
+        d[c] = read_count(c) - at_begin[c];
     }
     fprintf(out,
             "{\"total\": %" PRIu64 ", \"load_store\": %" PRIu64 ", \"simd_fp\": %" PRIu64
@@ -117,6 +161,9 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
             }
         }
     }
+#if QEMU_PLUGIN_VERSION >= 2
+    board = qemu_plugin_scoreboard_new(sizeof(vcpu_counts));
+#endif
     qemu_plugin_register_vcpu_tb_trans_cb(id, tb_trans);
     qemu_plugin_register_vcpu_syscall_cb(id, on_syscall);
     qemu_plugin_register_atexit_cb(id, at_exit, NULL);

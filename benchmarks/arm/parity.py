@@ -1,16 +1,18 @@
-"""ARM parity without a board: every MNN target of an artifact dir, run by MNN's aarch64 kernels under
-qemu-user, judged exactly as on the host: the same targets (export.targets), reference, metrics and gates
-(export.parity.judge).
+"""ARM parity without a board: every MNN and onnxruntime target of an artifact dir, run by the engines' aarch64
+kernels under qemu-user, judged exactly as on the host: the same targets (export.targets), reference, metrics and
+gates (export.parity.judge).
 
     python -m benchmarks.arm.parity [ARTIFACT_DIR ...] [--cpus cortex-a53 neoverse-n1] [--quick] [--gates JSON]
                                     [--targets NAME ...] [--n-images N] [--n-random M] [--seed S]
 
 Default dirs: artifacts/*/*/ holding a .mnn; default targets: those the dir's manifest lists (else every MNN
-target whose file is there). The reference is the PyTorch training form rebuilt from the
-directory's manifest (as `python -m export.parity` does); a directory without a manifest (benchmarks.arm.tiny)
-is judged against ONNX Runtime on its model.onnx, and the report says so. Each MNN target runs on every CPU
-(--quick: fp32-arithmetic targets on cortex-a53, ARMv8.0; precision-'low' targets on neoverse-n1, ARMv8.2 with
-fp16 arithmetic). Writes arm_parity.json into each dir and prints a table; exit 1 when a gate fails.
+and onnxruntime target whose file is there: model.onnx is `ort`, model.int8.onnx `ort_int8`). The reference is
+the PyTorch training form rebuilt from the directory's manifest (as `python -m export.parity` does); a directory
+without a manifest (benchmarks.arm.tiny) is judged against ONNX Runtime on the host on its model.onnx, and the
+report says so. Each target runs on every CPU (--quick: MNN's fp32-arithmetic targets on cortex-a53, ARMv8.0;
+precision-'low' targets on neoverse-n1, ARMv8.2 with fp16 arithmetic; onnxruntime's on cortex-a76, Raspberry
+Pi 5). MNN runs under the host's qemu-user, onnxruntime under qemu 10 (its wheel crashes under qemu 7.2; see
+benchmarks/arm/run.py). Writes arm_parity.json into each dir and prints a table; exit 1 when a gate fails.
 """
 from __future__ import annotations
 
@@ -35,8 +37,14 @@ from runtime.engines import stdout_silenced
 from .run import guest_infer, versions
 
 DEFAULT_CPUS = ("cortex-a53", "neoverse-n1")  # ARMv8.0 (no fp16 arithmetic), ARMv8.2 (fp16, dotprod)
-QUICK_CPU = {"fp32": "cortex-a53", "low": "neoverse-n1"}  # target precision → the CPU that exercises it
+QUICK_CPU = {"fp32": "cortex-a53", "low": "neoverse-n1"}  # MNN target precision → the CPU that exercises it
+ORT_QUICK_CPU = "cortex-a76"  # Raspberry Pi 5: onnxruntime's MLAS picks its ARMv8.2 kernels (dotprod, fp16)
 MNN_PRECISION = {"fp32": "normal", "low": "low"}  # runtime.load precision → MNN's own name
+ENGINES = ("mnn", "onnxruntime")  # the engines the aarch64 guest runs
+
+
+def quick_cpu(target) -> str:
+    return ORT_QUICK_CPU if target.engine == "onnxruntime" else QUICK_CPU[target.precision]
 
 
 def read_metadata(artifact_dir: Path) -> dict:
@@ -84,14 +92,15 @@ def reference_for(d: Path, meta: dict):
     return (lambda x: onnx_reference(d / "model.onnx", x, list(meta["output_names"]))), "onnxruntime"
 
 
-def mnn_targets(d: Path, names=None) -> list:
-    """The MNN targets whose file is in `d`: those named, if `names`; else those its manifest says were exported
-    (a detector's default export leaves out targets that share a file with one it ships); else every one."""
+def guest_targets(d: Path, names=None) -> list:
+    """The MNN and onnxruntime targets whose file is in `d`: those named, if `names`; else those its manifest says
+    were exported (a detector's default export leaves out targets that share a file with one it ships); else
+    every one."""
     if names is None and (d / "manifest.json").is_file():
         from export.schemas import ManifestTargets, read_manifest
 
         names = manifest_targets(read_manifest(d, ManifestTargets))
-    found = [t for t in targets.ARTIFACTS if t.engine == "mnn" and (d / t.file).is_file()]
+    found = [t for t in targets.ARTIFACTS if t.engine in ENGINES and (d / t.file).is_file()]
     return [t for t in found if names is None or t.name in names]
 
 
@@ -101,9 +110,9 @@ def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names
     from export.inputs import sample_batch
 
     d = Path(artifact_dir)
-    chosen = mnn_targets(d, target_names)
+    chosen = guest_targets(d, target_names)
     if not chosen:
-        raise EdgeportError(f"no MNN target file in {d}; export the model first (make export)")
+        raise EdgeportError(f"no MNN or ONNX target file in {d}; export the model first (make export)")
     gates = merge_gates(gates)
     meta = read_metadata(d)
     x = {"parity": sample_batch(meta, n_images=n_images, n_random=n_random, seed=seed)}
@@ -114,23 +123,25 @@ def check_dir(artifact_dir, cpus=DEFAULT_CPUS, quick: bool = False, target_names
     ref = {kind: reference_of(inputs) for kind, inputs in x.items()}
     rows, guest_versions, by_run = [], {}, {}
     for target in chosen:
-        for cpu in [QUICK_CPU[target.precision]] if quick else cpus:
+        for cpu in [quick_cpu(target)] if quick else cpus:
             t0 = time.perf_counter()
             key = (target.file, cpu, target.precision, target.inputs)
             if key not in by_run:
                 by_run[key] = guest_infer(d / target.file, x[target.inputs], cpu, MNN_PRECISION[target.precision],
                                           cache=cache)
             run = by_run[key]
-            guest_versions = run.versions
-            compute = "fp16" if target.precision == "low" and run.device.get("fp16") else "fp32"
+            guest_versions = {k: v for k, v in run.versions.items() if k not in ("engine", "qemu_used")}
+            compute = "fp16" if target.precision == "low" and run.device.get("fp16") else \
+                "int8" if target.engine == "onnxruntime" and target.compute == "int8" else "fp32"
             metrics, breaches = judge(target.name, ref[target.inputs], run.outputs, gates[target.name], classifier,
                                       meta)
             raw = [m for m in metrics.values() if "max_rel" in m]  # a detector's "detections" entry has none
             worst = max(raw, key=lambda m: m["max_rel"]) if raw else {}
             judged = detection_gates(target.name, gates[target.name]) if "detections" in metrics \
                 else gates[target.name]
-            row = {"target": target.name, "file": target.file, "cpu": cpu, "precision": target.precision,
-                   "compute": compute, "device": run.device, "reference": ref_name, "metrics": metrics,
+            row = {"target": target.name, "file": target.file, "engine": target.engine, "cpu": cpu,
+                   "precision": target.precision, "compute": compute, "qemu": run.versions.get("qemu_used"),
+                   "device": run.device, "reference": ref_name, "metrics": metrics,
                    "max_rel": worst.get("max_rel"), "top1": worst.get("top1"), "gates": judged,
                    "breaches": breaches, "passed": not breaches,
                    "emulated_seconds": round(time.perf_counter() - t0, 2)}
@@ -168,19 +179,22 @@ def format_row(r: dict) -> str:
 
 
 def default_dirs(root="artifacts") -> list[str]:
-    return sorted({os.path.dirname(p) for p in glob.glob(os.path.join(root, "*", "*", "*.mnn"))})
+    found = glob.glob(os.path.join(root, "*", "*", "*.mnn")) + glob.glob(os.path.join(root, "*", "*", "model.onnx"))
+    return sorted({os.path.dirname(p) for p in found})
 
 
 def main(argv=None) -> int:
     p = OneLineParser(prog="python -m benchmarks.arm.parity", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dirs", nargs="*", help="artifact dirs (default: artifacts/*/*/ with a .mnn)")
+    p.add_argument("dirs", nargs="*", help="artifact dirs (default: artifacts/*/*/ with a .mnn or model.onnx)")
     p.add_argument("--cpus", nargs="+", default=list(DEFAULT_CPUS), help="qemu -cpu models")
     p.add_argument("--targets", nargs="+", default=None,
-                   help="MNN targets to run (default: those the manifest lists, else every one present)")
+                   help="MNN and onnxruntime targets to run, e.g. ort mnn_fp32 (default: those the manifest "
+                        "lists, else every one present)")
     p.add_argument("--gates", help='JSON object laid over the targets\' gates, e.g. {"mnn_low": {"max_rel": 1e-2}}')
     p.add_argument("--quick", action="store_true",
-                   help="fp32 targets on cortex-a53 only, precision-low targets on neoverse-n1 only (CI-sized)")
+                   help=f"MNN fp32 targets on cortex-a53 only, precision-low targets on neoverse-n1 only, "
+                        f"onnxruntime targets on {ORT_QUICK_CPU} only (CI-sized)")
     p.add_argument("--n-images", type=int_in(1, 64), default=3, help="bundled photos, in order (default 3)")
     p.add_argument("--n-random", type=int_in(0, 64), default=1,
                    help="random inputs after them (a detector's: mosaics; default 1)")
@@ -191,14 +205,15 @@ def main(argv=None) -> int:
         from export.parity import _load_gates
 
         gates = _load_gates(a.gates)
-        known = [t.name for t in targets.ARTIFACTS if t.engine == "mnn"]
+        known = [t.name for t in targets.ARTIFACTS if t.engine in ENGINES]
         unknown = [n for n in a.targets or () if n not in known]
         if unknown:
-            raise EdgeportError(f"--targets {' '.join(unknown)}: not an MNN target ({', '.join(known)}); "
-                                "artifact dirs go before --targets, or after --")
+            raise EdgeportError(f"--targets {' '.join(unknown)}: not an MNN or onnxruntime target "
+                                f"({', '.join(known)}); artifact dirs go before --targets, or after --")
         dirs = a.dirs or default_dirs()
         if not dirs:
-            raise EdgeportError("no artifact dir with a .mnn under artifacts/; run `make export` or pass one")
+            raise EdgeportError("no artifact dir with a .mnn or model.onnx under artifacts/; run `make export` or "
+                                "pass one")
         failed = []
         for d in dirs:
             print(f"\n{d}\n{HEADER}", flush=True)
