@@ -32,6 +32,7 @@ MNN_FILES = (targets.get("mnn_fp32").file, targets.get("mnn_fp16w").file)  # an 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXECSTACK_TUNABLE = "glibc.rtld.execstack=2"
+EVAL_LIMIT = 40  # labelled digits evaluated by edgeport-eval from the board install (host and guest must agree)
 
 
 def guest_command(cache: str, arch: str) -> list[str]:
@@ -110,8 +111,13 @@ def top1(infer_json: str) -> dict:
     return {"top1": top[0]["index"], "p1": round(top[0]["prob"], 5), "p2": round(top[1]["prob"], 5)}
 
 
+def top1_counts(evaluate_json: str) -> dict:
+    (f,) = json.loads(evaluate_json)["files"]
+    return {"n": f["n"], "correct1": round(f["top1"] * f["n"]), "correct5": round(f["top5"] * f["n"])}
+
+
 def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n: int, overhead: int,
-               wheel: str) -> dict:
+               wheel: str, data: str) -> dict:
     site = os.path.join(cache, arch, "site")
     shutil.rmtree(os.path.join(cache, arch, "home"), ignore_errors=True)  # a board that never ran us
     before = mnn_files(site)
@@ -146,6 +152,12 @@ def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n:
     out["board_install"] = {**got, "rc": r["rc"], "seconds": r["seconds"], "modules": sorted(os.listdir(board)),
                             "same_top1": got.get("top1") == host[MNN_FILES[0]]["top1"]}
     say(f"board install: python -m edgeport_runtime.infer {MNN_FILES[0]}: {got} ({r['seconds']} s)")
+    r = run(g + ["-m", "edgeport_runtime.evaluate", os.path.join(model_dir, MNN_FILES[0]), "--data", data,
+                 "--limit", str(EVAL_LIMIT), "--json"], {**env, "PYTHONPATH": f"{board}:{site}"}, cwd=board)
+    got = top1_counts(r["stdout"]) if r["rc"] == 0 else {"error": last_line(r["stderr"])}
+    out["board_evaluate"] = {**got, "rc": r["rc"], "seconds": r["seconds"], "host": host["evaluate"],
+                             "same_counts": got == host["evaluate"]}
+    say(f"board install: python -m edgeport_runtime.evaluate --limit {EVAL_LIMIT}: {got} host {host['evaluate']}")
     r = run(g + ["-m", "benchmarks.runtime_bench", os.path.join(model_dir, MNN_FILES[0]), "--n", str(n),
                  "--overhead-runs", str(overhead), "--json"], env)
     out["runtime_bench"] = json.loads(r["stdout"]) if r["rc"] == 0 else {"error": r["stderr"][-2000:]}
@@ -186,12 +198,21 @@ def main(argv=None) -> int:
             print(f"error: host runtime.infer failed: {last_line(r['stderr'])}", file=sys.stderr)
             return 2
         host[name] = top1(r["stdout"])
+    from models.digits import make_imagefolder  # a labelled tree (scikit-learn's digits), made on the host
+
+    data = str(make_imagefolder(os.path.join(cache, "digits")) / "val")
+    r = run([sys.executable, "-m", "runtime.evaluate", os.path.join(model_dir, MNN_FILES[0]), "--data", data,
+             "--limit", str(EVAL_LIMIT), "--json"])
+    if r["rc"]:
+        print(f"error: host runtime.evaluate failed: {last_line(r['stderr'])}", file=sys.stderr)
+        return 2
+    host["evaluate"] = top1_counts(r["stdout"])
     report = {"host": {"python": sys.version.split()[0], "glibc": os.confstr("CS_GNU_LIBC_VERSION"),
                        "infer": host}, "model_dir": model_dir, "image": image}
     failed, wheel = [], board_wheel(cache)
     for arch in args.arch:
         t0 = time.perf_counter()
-        r = report[arch] = check_arch(cache, arch, model_dir, image, host, args.n, args.overhead_runs, wheel)
+        r = report[arch] = check_arch(cache, arch, model_dir, image, host, args.n, args.overhead_runs, wheel, data)
         r["seconds"] = round(time.perf_counter() - t0, 1)
         if r["guest_check"]["failures"]:
             failed.append(f"{arch}: checks {r['guest_check']['failures']}")
@@ -199,6 +220,8 @@ def main(argv=None) -> int:
                    for k, v in r["infer"].items() if not v["same_top1"]]
         if not r["board_install"]["same_top1"]:
             failed.append(f"{arch}: board install top-1 {r['board_install'].get('top1')}")
+        if not r["board_evaluate"].get("same_counts"):
+            failed.append(f"{arch}: board edgeport-eval {r['board_evaluate']} != host {host['evaluate']}")
         if not r["mnn_files"]["byte_identical"]:
             failed.append(f"{arch}: installed MNN files changed")
         if r["runtime_bench"]["rc"]:

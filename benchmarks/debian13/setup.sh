@@ -16,7 +16,7 @@ set -euo pipefail
 CACHE=$(realpath -m "${1:?usage: setup.sh CACHE_DIR HOST_PYTHON}")
 HOST_PY=${2:?usage: setup.sh CACHE_DIR HOST_PYTHON}
 RELEASE=trixie
-WHEELS="MNN==3.6.1 numpy==2.4.6 pillow==13.0.0 onnxruntime==1.32.0"
+WHEELS="MNN==3.6.1 numpy==2.4.6 pillow==13.0.0 onnxruntime==1.32.0 msgspec==0.22.0"
 # Every library the runtime's imports map comes from these (guest_check.py lists the mapped libraries; libcrypto
 # needs libzstd).
 DEBS="libc6 libgcc-s1 libstdc++6 zlib1g libexpat1 libffi8 libssl3t64 libzstd1 libbz2-1.0 liblzma5 libmpdec4 libuuid1
