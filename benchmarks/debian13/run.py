@@ -112,8 +112,11 @@ def top1(infer_json: str) -> dict:
 
 
 def top1_counts(evaluate_json: str) -> dict:
+    """What must agree between host and board: counts, and which class each wrong answer went to (the predictions,
+    not only their tally)."""
     (f,) = json.loads(evaluate_json)["files"]
-    return {"n": f["n"], "correct1": round(f["top1"] * f["n"]), "correct5": round(f["top5"] * f["n"])}
+    return {"n": f["n"], "correct1": f["correct1"], "correct5": f["correct5"],
+            "confused": sorted((c["true"], c["predicted"], c["count"]) for c in f["confused"])}
 
 
 def check_arch(cache: str, arch: str, model_dir: str, image: str, host: dict, n: int, overhead: int,
