@@ -114,15 +114,16 @@ TIMED_TARGET_NAMES = tuple(TIMED_TARGETS.values())
 BUILD_RECORD = "bench_build.json"  # build_artifact's report, kept beside the cached files
 
 
-def export_form(form: Form, directory: Path, target_names=TIMED_TARGET_NAMES) -> dict[str, Path]:
+def export_form(form: Form, directory: Path, target_names=TIMED_TARGET_NAMES, **build_options) -> dict[str, Path]:
     """{target: file} of the named targets (built like `make export` builds them), reused when all are present;
-    built in a temporary sibling and moved into place whole. `form.build` gets build_artifact's report."""
+    built in a temporary sibling and moved into place whole. `form.build` gets build_artifact's report.
+    `build_options`: build_artifact's keyword options (e.g. calib_dir, held_out_dir)."""
     files = {name: directory / targets.get(name).file for name in target_names}
     if not all(f.is_file() for f in files.values()):
         directory.parent.mkdir(parents=True, exist_ok=True)
         with destination_lock(directory):  # one writer per cached directory (two benchmark runs share it)
             if not all(f.is_file() for f in files.values()):  # unless the other writer just built it
-                _build_into(form, directory, target_names)
+                _build_into(form, directory, target_names, build_options)
     try:
         form.build = json.loads((directory / BUILD_RECORD).read_text())
     except (OSError, ValueError):
@@ -131,12 +132,13 @@ def export_form(form: Form, directory: Path, target_names=TIMED_TARGET_NAMES) ->
     return files
 
 
-def _build_into(form: Form, directory: Path, target_names) -> None:
+def _build_into(form: Form, directory: Path, target_names, build_options: dict) -> None:
     build = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         # every target already there is built again too: one directory, one build, one record
         have = [t.name for t in targets.ARTIFACTS if (directory / t.file).is_file()]
-        record = build_artifact(form.module, form.meta, build, tuple(dict.fromkeys([*have, *target_names])))
+        record = build_artifact(form.module, form.meta, build, tuple(dict.fromkeys([*have, *target_names])),
+                                **build_options)
         write_json(build / BUILD_RECORD, record)
         shutil.rmtree(directory, ignore_errors=True)
         os.replace(build, directory)

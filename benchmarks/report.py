@@ -223,6 +223,22 @@ def _verdict_cell(row: dict) -> str:
     return f"passes ({gates}): {seen}{kept_text}"
 
 
+def _accuracy_cells(acc: dict | None) -> list[str]:
+    if not acc:
+        return ["–", "–"]
+    delta = acc.get("delta_top1_points")
+    return [f"{100 * acc['top1']:.2f} ({acc['correct1']}/{acc['n']})", "–" if delta is None else f"{delta:+.2f}"]
+
+
+def _accuracy_note(acc: dict | None) -> str:
+    if not acc or not acc.get("measured"):
+        return "top-1: – (" + (acc or {}).get("reason", "not measured (results from before the accuracy column)") + ")"
+    calib = f"; int8 calibrated on {acc['calib']}" if acc.get("calib") else ""
+    return (f"top-1 on {acc['data']} ({acc['n_images']} labelled images, {acc['skipped']} skipped) by "
+            f"runtime.evaluate (ORT runs .onnx, MNN .mnn; a file shared by targets has one figure); trained "
+            f"weights `{acc['weights']}`{calib}; int8 parity gates judged on the same val images.")
+
+
 def precision_tables(results: dict) -> str:
     out = []
     for name, r in results.get("precision", {}).items():
@@ -230,11 +246,14 @@ def precision_tables(results: dict) -> str:
                    + _measured(r))
         for engine, rows in r["timings"].items():
             n = sorted({row["iters"] for row in rows.values()})
-            header = ["target", "file", "MB", "compute", "ms", "× fp32", "parity gate (as `make export`)"]
+            header = ["target", "file", "MB", "compute", "ms", "× fp32", "top-1 %", "Δ pts vs model.onnx",
+                      "parity gate (as `make export`)"]
             table = [[f"`{t}`", f"`{row['file']}`", f"{row['mb']:.1f}", row["compute"],
-                      f"{row['median_ms']:.2f}", _ratio(row), _verdict_cell(row)] for t, row in rows.items()]
+                      f"{row['median_ms']:.2f}", _ratio(row), *_accuracy_cells(row.get("accuracy")),
+                      _verdict_cell(row)] for t, row in rows.items()]
             out.append(f"\n{ENGINE_NAMES[engine]}, {n[0]}{'' if len(n) == 1 else f'–{n[-1]}'} rounds:\n\n"
                        + _table(header, table))
+        out.append("\n" + _accuracy_note(r.get("accuracy")))
         if r.get("failed"):
             out.append("\nnot built: " + "; ".join(f"`{t}` ({why})" for t, why in r["failed"].items()))
         out.append("")
@@ -414,7 +433,9 @@ def render(results: dict, rec: dict, plots: dict[str, str]) -> str:
         "run interleaved, ratio to the fp32 file. Gates are the targets' own (`export/targets.py`), judged "
         "as `make export` judges them (`export.parity.run_parity`; int8 on held-out images). On x86 MNN has "
         "no fp16 arithmetic: the `mnn_fp16w` file stores fp16 weights and computes in fp32 — the ARM numbers "
-        "(`make arm-cost`) are where fp16 arithmetic shows.\n",
+        "(`make arm-cost`) are where fp16 arithmetic shows. A model with labelled data "
+        "(`benchmarks.precision.LABELLED`) is built from its trained weights, and each file shows its top-1 on "
+        "the labelled val images and its difference in points from `model.onnx`; other models show –.\n",
         precision_tables(results),
         "## Recommendation (`recommendation.json`)",
         f"Export default (`by_model`): {rec['rule']}. Other cells: the fastest form and its ratio to the "

@@ -417,3 +417,37 @@ def test_arm_parity_refuses_an_unknown_target_in_one_line(capsys, tmp_path):
     assert arm_parity_main(["--targets", "mnn_fp32", str(tmp_path)]) == 2  # the dir swallowed by --targets
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and str(tmp_path) in err and "after --" in err
+
+
+def test_precision_section_shows_each_files_top1_where_labels_exist(tmp_path):
+    """fasternet_digits (labelled): built from its trained weights, each file's top-1 on val is what
+    runtime.evaluate measures on that file; fasternet_t0 (no labels): – and the reason."""
+    from models import digits
+    from runtime.evaluate import evaluate_classifier, scan_imagefolder
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["--quick", "--models", "none", "--precision-models", "fasternet_digits", "fasternet_t0",
+                   "--precision-targets", "ort,mnn_fp32,mnn_int8w", "--engines", "ort,mnn", "--threads", "1",
+                   "--no-ops", "--out", str(out), "--cache", str(cache)])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())["precision"]
+    text = report.precision_tables({"precision": results})
+    labelled, unlabelled = results["fasternet_digits"], results["fasternet_t0"]
+    assert labelled["accuracy"]["measured"] and labelled["img_size"] == 32  # its own size, not --quick's 64
+    (directory,) = cache.glob("*/fasternet_digits-32/*-trained")
+    val = scan_imagefolder(str(digits.make_imagefolder() / "val"))
+    rows = {t: row for rows in labelled["timings"].values() for t, row in rows.items()}
+    assert set(rows) == {"ort", "mnn_fp32", "mnn_int8w"}
+    reference = evaluate_classifier(str(directory / "model.onnx"), val)
+    assert reference["top1"] > 0.9  # the trained weights, not random ones (10 classes: ~0.1)
+    for row in rows.values():
+        expected = evaluate_classifier(str(directory / row["file"]), val)
+        acc = row["accuracy"]
+        assert (acc["correct1"], acc["n"], acc["top1"]) == (expected["correct1"], expected["n"], expected["top1"])
+        assert acc["delta_top1_points"] == pytest.approx(100 * (expected["top1"] - reference["top1"]), abs=1e-3)
+        assert f"| {100 * expected['top1']:.2f} ({expected['correct1']}/{expected['n']}) |" in text
+    assert not unlabelled["accuracy"]["measured"]
+    assert all(row["accuracy"] is None for rows in unlabelled["timings"].values() for row in rows.values())
+    t0 = text[text.index("### fasternet_t0"):]
+    assert "| – | – |" in t0 and "top-1: – (no labelled data for this model" in t0
