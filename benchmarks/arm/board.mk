@@ -4,6 +4,7 @@
 #                            $(ARM_CACHE)/board-site; the aarch64 environment itself comes from
 #                            `make arm-setup-parity` (sysroot, CPython, MNN, onnxruntime, qemu 10)    (network, once)
 #   make arm-bench [BUNDLE=OUT/MODEL.bundle.tar.gz] [ARM_CPU=cortex-a76] [ARM_ROUNDS=3] [ARM_BENCH_JSON=...]
+#                  [ARM_BENCH_ARGS="--engines openvino"]  (more edgeport-bench options)
 #                            edgeport-bench on the bundle in the guest (made first with `make bundle` when missing);
 #                            the JSON says "emulated": true, so `make export DEVICE=...` needs
 #                            EXPORT_ARGS=--allow-emulated to choose from it
@@ -12,6 +13,7 @@ ARM_CPU        ?= cortex-a76
 ARM_ROUNDS     ?= 3
 BUNDLE         ?= $(OUT)/$(MODEL).bundle.tar.gz
 ARM_BENCH_JSON ?= $(OUT)/$(MODEL).$(ARM_CPU)-emulated.json
+ARM_BENCH_ARGS ?=
 
 .PHONY: arm-board-setup arm-bench arm-board-parity
 
@@ -21,7 +23,7 @@ arm-board-setup: setup
 arm-bench: arm-board-setup
 	@test -e $(BUNDLE) || $(MAKE) --no-print-directory bundle
 	$(PY) -m benchmarks.arm.board --cache $(ARM_CACHE) --cpu $(ARM_CPU) bench $(BUNDLE) --json $(ARM_BENCH_JSON) \
-	  --rounds $(ARM_ROUNDS)
+	  --rounds $(ARM_ROUNDS) $(if $(ARM_BENCH_ARGS),-- $(ARM_BENCH_ARGS))
 
 arm-board-parity: arm-board-setup
 	$(PY) -m benchmarks.arm.board --cache $(ARM_CACHE) --cpu $(ARM_CPU) parity $(ARM_DIRS)

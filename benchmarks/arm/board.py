@@ -179,7 +179,7 @@ def check_dir(artifact_dir, cpu: str = DEFAULT_CPU, target_names=RUNTIME_TARGETS
         out, versions = guest_outputs(guest, d / target.file, x, target.engine, target.precision)
         metrics, breaches = judge(target.name, ref, out, gates[target.name], classifier, meta)
         worst = max((m for m in metrics.values() if "max_rel" in m), key=lambda m: m["max_rel"], default={})
-        row = {"target": target.name, "file": target.file, "engine": target.engine, "cpu": cpu,
+        row = {"dir": str(d), "target": target.name, "file": target.file, "engine": target.engine, "cpu": cpu,
                "precision": target.precision, "compute": "fp32", "qemu": guest.qemu_version,
                "versions": versions, "device": {}, "reference": ref_name, "metrics": metrics,
                "max_rel": worst.get("max_rel"), "top1": worst.get("top1"), "gates": gates[target.name],
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv[:len(argv) - len(extra) - bool(extra or "--" in argv)])
     try:
         if args.command == "bench":
-            print(bench(args.bundle, args.json, args.cpu, args.rounds, extra, args.cache))
+            bench(args.bundle, args.json, args.cpu, args.rounds, extra, args.cache)  # the guest says where it wrote
             return 0
         from .parity import HEADER
 
