@@ -156,3 +156,12 @@ def test_openvino_on_aarch64_passes_the_host_gate_and_catches_a_changed_weight(s
     (row,) = check_dir(broken, "cortex-a76", ("openvino",), log=lambda _: None)
     assert not row["passed"] and row["breaches"]
     json.dumps(row["metrics"])  # the row is reportable as written by `parity --json`
+
+
+@pytest.mark.arm
+def test_an_unknown_cpu_is_one_line_and_exit_2(tmp_path):
+    _guest_or_skip()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.arm.board", "--cpu", "cortex-a99", "bench",
+                           str(tmp_path), "--json", str(tmp_path / "o.json")], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "cortex-a99" in proc.stderr and "cortex-a76" in proc.stderr

@@ -80,10 +80,17 @@ class Guest:
         out = subprocess.run([str(self.qemu), "--version"], capture_output=True, text=True).stdout
         return out.splitlines()[0].strip() if out else "unknown"
 
+    def cpu_models(self) -> list[str]:
+        out = subprocess.run([str(self.qemu), "-cpu", "help"], capture_output=True, text=True).stdout
+        return [line.split()[0] for line in out.splitlines()[1:] if line.startswith("  ") and line.split()]
+
     def require(self) -> Guest:
         why = self.missing()
         if why:
             raise EdgeportError(f"emulated board not ready: {why}")
+        models = self.cpu_models()
+        if models and self.cpu not in models:
+            raise EdgeportError(f"qemu does not know --cpu {self.cpu}; choose one of {', '.join(models)}")
         return self
 
     def command(self, args: list[str]) -> list[str]:
@@ -101,10 +108,10 @@ class Guest:
                                   stdout=pipe, stderr=pipe)
         except subprocess.TimeoutExpired:
             raise EdgeportError(f"aarch64 guest timed out after {TIMEOUT_S} s (cpu {self.cpu})") from None
+        if proc.returncode != 0 and not capture:  # the guest's own one-line error went to stderr already
+            raise GuestFailed("", proc.returncode)
         if proc.returncode != 0:
-            last = ((proc.stderr or "").strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-            if "unable to find CPU model" in (proc.stderr or ""):
-                last = f"qemu does not know -cpu {self.cpu}; list the models with `{self.qemu} -cpu help`"
+            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
             raise GuestFailed(f"aarch64 guest failed (cpu {self.cpu}): {last}", proc.returncode)
         return proc
 
@@ -226,7 +233,8 @@ def main(argv=None) -> int:
             write_json(args.json, rows)
         return 0 if all(r["passed"] for r in rows) else 1
     except GuestFailed as e:
-        print(f"error: {e}", file=sys.stderr)
+        if str(e):
+            print(f"error: {e}", file=sys.stderr)
         return e.returncode if e.returncode in (1, 2) else 2
     except EdgeportError as e:
         print(f"error: {e}", file=sys.stderr)
