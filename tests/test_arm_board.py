@@ -165,3 +165,17 @@ def test_an_unknown_cpu_is_one_line_and_exit_2(tmp_path):
                            str(tmp_path), "--json", str(tmp_path / "o.json")], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "cortex-a99" in proc.stderr and "cortex-a76" in proc.stderr
+
+
+@pytest.mark.arm
+def test_three_engines_are_counted_and_fp16_arithmetic_counts_fewer(small_bundle):
+    from benchmarks.arm.board import Guest, arm_env, count_dir
+
+    if not Guest(arm_env()).count_qemu.exists():
+        pytest.skip("counting needs the plugin qemu of `make arm-setup`")
+    form = small_bundle.parent / "fasternet_t0" / "split_cat-fc"
+    rows = {(r["engine"], r["precision"]): r for r in count_dir(form, "cortex-a76", log=lambda _: None)}
+    assert set(rows) == {("onnxruntime", "fp32"), ("openvino", "fp32"), ("mnn", "fp32"), ("mnn", "low")}
+    assert all(r["total"] > r["simd_fp"] > 0 for r in rows.values())
+    # cortex-a76 has fp16 arithmetic (asimdhp): MNN's "low" does the same convolutions with half-width lanes
+    assert rows["mnn", "low"]["simd_fp"] < 0.8 * rows["mnn", "fp32"]["simd_fp"]

@@ -3,12 +3,16 @@ a wheel, torch-free, with MNN, onnxruntime and OpenVINO's aarch64 wheels) run un
 
     python -m benchmarks.arm.board bench BUNDLE --json OUT.json [--cpu cortex-a76] [--rounds 3] [-- BENCH ARGS]
     python -m benchmarks.arm.board parity ARTIFACT_DIR... [--cpu cortex-a76] [--targets openvino]
+    python -m benchmarks.arm.board count ARTIFACT_DIR... [--cpu cortex-a76]
 
 `bench` runs `edgeport-bench BUNDLE --json OUT.json` in the guest exactly as on a board; the JSON says
 `"emulated": true` (runtime.device detects qemu-user), so `python -m export MODEL --device OUT.json` refuses it
 unless --allow-emulated. `parity` judges a runtime target (default `openvino` on model.onnx) run by the guest's
 edgeport_runtime.load against the host's reference with the host's gates (export.parity.judge), as
-benchmarks.arm.parity does for MNN and onnxruntime.
+benchmarks.arm.parity does for MNN and onnxruntime. `count` counts the guest instructions of one inference by
+each engine through the runtime (ONNX Runtime and OpenVINO on model.onnx, MNN on model.mnn at fp32 and low) with
+the insncount TCG plugin under the qemu 10 built with plugins (`make arm-setup`): a deterministic proxy of the
+CPU's work, not latency.
 
 Emulated wall time is qemu's translation of the ARM code on this host, not the CPU's latency: use it to prove that
 every form runs and to compare engines' instruction paths coarsely, never to choose for a real board.
@@ -37,7 +41,7 @@ from models.errors import EdgeportError
 from runtime.atomic import write_json
 from runtime.cli import OneLineParser, cli_main, int_in
 
-from .run import ArmEnv, _guest_environ, arm_env
+from .run import COUNT_KEYS, ArmEnv, _guest_environ, arm_env
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_RUNTIME = Path(__file__).with_name("guest_runtime.py")
@@ -93,18 +97,35 @@ class Guest:
             raise EdgeportError(f"qemu does not know --cpu {self.cpu}; choose one of {', '.join(models)}")
         return self
 
-    def command(self, args: list[str]) -> list[str]:
-        return [str(self.qemu), "-cpu", self.cpu, "-L", str(self.env.sysroot), str(self.env.python), *args]
+    @property
+    def count_qemu(self) -> Path:
+        return self.env.cache / "qemu-count" / "bin" / "qemu-aarch64"
+
+    @property
+    def count_plugin(self) -> Path:
+        return self.env.cache / "qemu-count" / "libinsncount.so"
+
+    def command(self, args: list[str], counts: Path | None = None) -> list[str]:
+        """The guest's python3.11 with `args`; with `counts`, under the plugin qemu writing its counts there
+        (address randomisation off, so that a run repeats its count)."""
+        if counts is None:
+            return [str(self.qemu), "-cpu", self.cpu, "-L", str(self.env.sysroot), str(self.env.python), *args]
+        if not (self.count_qemu.exists() and self.count_plugin.exists()):
+            raise EdgeportError(f"counting needs qemu 10 with TCG plugins ({self.count_qemu} missing); build it "
+                                "once with `make arm-setup`")
+        return ["setarch", "-R", str(self.count_qemu), "-cpu", self.cpu, "-L", str(self.env.sysroot),
+                "-plugin", f"{self.count_plugin},out={counts}", str(self.env.python), *args]
 
     def environ(self) -> dict[str, str]:
         return {**_guest_environ(self.env), "PYTHONPATH": f"{self.site}{os.pathsep}{self.env.site}"}
 
-    def run(self, args: list[str], cwd: Path, capture: bool = True) -> subprocess.CompletedProcess:
+    def run(self, args: list[str], cwd: Path, capture: bool = True, counts: Path | None = None
+            ) -> subprocess.CompletedProcess:
         """Run the guest's python3.11 with `args`; EdgeportError with its last stderr line when it fails (with
         capture=False its progress goes to this process's stderr as it comes)."""
         try:
             pipe = subprocess.PIPE if capture else None
-            proc = subprocess.run(self.command(args), cwd=cwd, env=self.environ(), text=True, timeout=TIMEOUT_S,
+            proc = subprocess.run(self.command(args, counts), cwd=cwd, env=self.environ(), text=True, timeout=TIMEOUT_S,
                                   stdout=pipe, stderr=pipe)
         except subprocess.TimeoutExpired:
             raise EdgeportError(f"aarch64 guest timed out after {TIMEOUT_S} s (cpu {self.cpu})") from None
@@ -151,16 +172,23 @@ def bench(bundle, json_out, cpu: str = DEFAULT_CPU, rounds: int = 3, extra: list
 
 
 # ---- parity of runtime targets ----------------------------------------------------------------------------------
-def guest_outputs(guest: Guest, model: Path, x: np.ndarray, engine: str, precision: str) -> tuple[dict, dict]:
-    """({output: array}, versions) of `model` run by the guest's edgeport_runtime on every sample of x."""
+def guest_outputs(guest: Guest, model: Path, x: np.ndarray, engine: str, precision: str,
+                  counted_runs: int = 0) -> tuple[dict, dict, list[dict]]:
+    """({output: array}, versions, counts) of `model` run by the guest's edgeport_runtime on every sample of x;
+    with counted_runs, the instruction counts of that many more inferences of sample 0 (one dict each)."""
     with tempfile.TemporaryDirectory(prefix="arm-board-") as tmp:
         work = Path(tmp)
         np.save(work / "input.npy", np.ascontiguousarray(x, dtype=np.float32))
+        counts = work / "counts.jsonl" if counted_runs else None
         guest.run([str(GUEST_RUNTIME), str(model.resolve()), "input.npy", "out", "--engine", engine,
-                   "--precision", precision], work)
+                   "--precision", precision, "--counted-runs", str(counted_runs)], work, counts=counts)
         info = json.loads((work / "out" / "info.json").read_text())
-        return {n: np.load(work / "out" / f"out{k}.npy") for k, n in enumerate(info["output_names"])}, \
-            info["versions"]
+        regions = [json.loads(line) for line in counts.read_text().splitlines()] if counts else []
+        if len(regions) != counted_runs:
+            raise EdgeportError(f"the insncount plugin reported {len(regions)} of {counted_runs} regions; rebuild it "
+                                "with `make arm-setup`")
+        return ({n: np.load(work / "out" / f"out{k}.npy") for k, n in enumerate(info["output_names"])},
+                info["versions"], regions)
 
 
 def check_dir(artifact_dir, cpu: str = DEFAULT_CPU, target_names=RUNTIME_TARGETS, gates=None, n_images: int = 3,
@@ -183,7 +211,7 @@ def check_dir(artifact_dir, cpu: str = DEFAULT_CPU, target_names=RUNTIME_TARGETS
     classifier = meta.get("task", "classification") == "classification"
     rows = []
     for target in chosen:
-        out, versions = guest_outputs(guest, d / target.file, x, target.engine, target.precision)
+        out, versions, _ = guest_outputs(guest, d / target.file, x, target.engine, target.precision)
         metrics, breaches = judge(target.name, ref, out, gates[target.name], classifier, meta)
         worst = max((m for m in metrics.values() if "max_rel" in m), key=lambda m: m["max_rel"], default={})
         row = {"dir": str(d), "target": target.name, "file": target.file, "engine": target.engine, "cpu": cpu,
@@ -194,6 +222,35 @@ def check_dir(artifact_dir, cpu: str = DEFAULT_CPU, target_names=RUNTIME_TARGETS
                "inputs": f"export.inputs.sample_batch(n_images={n_images}, n_random={n_random}, seed={seed})"}
         rows.append(row)
         log(format_row(row))
+    return rows
+
+
+# ---- instruction counts -----------------------------------------------------------------------------------------
+COUNTED = (("onnxruntime", "model.onnx", "fp32"), ("openvino", "model.onnx", "fp32"), ("mnn", "model.mnn", "fp32"),
+           ("mnn", "model.mnn", "low"))  # (engine, file, precision) counted when the file is in the dir
+COUNTED_RUNS = 3
+
+
+def count_dir(artifact_dir, cpu: str = DEFAULT_CPU, cache=None, log=print) -> list[dict]:
+    """Guest instructions of one inference (N(0, 1) input of the model's shape, seed 0) by each engine of COUNTED
+    whose file is in the dir: the smallest total of the counted runs after the first (the first still warms up)."""
+    from .parity import read_metadata
+
+    guest = board(cpu, cache)
+    d = Path(artifact_dir)
+    meta = read_metadata(d)
+    x = np.random.default_rng(0).standard_normal([1, *meta["input_shape"][1:]]).astype(np.float32)
+    rows = []
+    for engine, file, precision in COUNTED:
+        if not (d / file).is_file():
+            continue
+        _, versions, regions = guest_outputs(guest, d / file, x, engine, precision, COUNTED_RUNS)
+        steady = min(regions[1:], key=lambda c: c["total"])
+        row = {"dir": str(d), "engine": engine, "file": file, "precision": precision, "cpu": cpu,
+               **{k: int(steady[k]) for k in COUNT_KEYS}, "engine_version": versions.get(engine, "")}
+        rows.append(row)
+        log(f"{d.name:<16} {engine:<12} {file:<11} {precision:<5} {row['total'] / 1e6:9.1f} M  "
+            f"simd/fp {row['simd_fp'] / 1e6:7.1f} M  load/store {row['load_store'] / 1e6:6.1f} M")
     return rows
 
 
@@ -214,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--targets", nargs="+", default=list(RUNTIME_TARGETS), choices=[t.name for t in targets.ARTIFACTS
                                                                                    if t.engine == "openvino"])
     q.add_argument("--json", help="write the rows here")
+    c = sub.add_parser("count", help="guest instructions of one inference per engine (needs `make arm-setup`)")
+    c.add_argument("dirs", nargs="+", help="artifact dirs (OUT/MODEL/FORM) with model.onnx and/or model.mnn")
+    c.add_argument("--json", help="write the rows here")
     return p
 
 
@@ -225,13 +285,16 @@ def main(argv=None) -> int:
         if args.command == "bench":
             bench(args.bundle, args.json, args.cpu, args.rounds, extra, args.cache)  # the guest says where it wrote
             return 0
-        from .parity import HEADER
+        if args.command == "count":
+            rows = [r for d in args.dirs for r in count_dir(d, args.cpu, cache=args.cache)]
+        else:
+            from .parity import HEADER
 
-        print(HEADER)
-        rows = [r for d in args.dirs for r in check_dir(d, args.cpu, tuple(args.targets), cache=args.cache)]
+            print(HEADER)
+            rows = [r for d in args.dirs for r in check_dir(d, args.cpu, tuple(args.targets), cache=args.cache)]
         if args.json:
             write_json(args.json, rows)
-        return 0 if all(r["passed"] for r in rows) else 1
+        return 0 if all(r.get("passed", True) for r in rows) else 1
     except GuestFailed as e:
         if str(e):
             print(f"error: {e}", file=sys.stderr)
