@@ -9,13 +9,15 @@
 #                            the JSON says "emulated": true, so `make export DEVICE=...` needs
 #                            EXPORT_ARGS=--allow-emulated to choose from it
 #   make arm-board-parity ARM_DIRS="OUT/MODEL/FORM ..."   the openvino target judged in the guest, host's gates
+#   make arm-board-count ARM_DIRS="OUT/MODEL/FORM ..."    instructions of one inference per engine (ONNX Runtime,
+#                            OpenVINO, MNN fp32/low) through the runtime; needs the plugin qemu of `make arm-setup`
 ARM_CPU        ?= cortex-a76
 ARM_ROUNDS     ?= 3
 BUNDLE         ?= $(OUT)/$(MODEL).bundle.tar.gz
 ARM_BENCH_JSON ?= $(OUT)/$(MODEL).$(ARM_CPU)-emulated.json
 ARM_BENCH_ARGS ?=
 
-.PHONY: arm-board-setup arm-bench arm-board-parity
+.PHONY: arm-board-setup arm-bench arm-board-parity arm-board-count
 
 arm-board-setup: setup
 	bash benchmarks/arm/board_setup.sh $(ARM_CACHE) $(PY)
@@ -27,3 +29,6 @@ arm-bench: arm-board-setup
 
 arm-board-parity: arm-board-setup
 	$(PY) -m benchmarks.arm.board --cache $(ARM_CACHE) --cpu $(ARM_CPU) parity $(ARM_DIRS)
+
+arm-board-count: arm-board-setup
+	$(PY) -m benchmarks.arm.board --cache $(ARM_CACHE) --cpu $(ARM_CPU) count $(ARM_DIRS)
