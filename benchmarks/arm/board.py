@@ -15,7 +15,7 @@ the insncount TCG plugin under the qemu 10 built with plugins (`make arm-setup`)
 CPU's work, not latency.
 
 Emulated wall time is qemu's translation of the ARM code on this host, not the CPU's latency: use it to prove that
-every form runs and to compare engines' instruction paths coarsely, never to choose for a real board.
+every form runs with every engine, never to rank forms or engines or to choose for a real board.
 
 The guest needs `make arm-board-setup` (ARM_CACHE/board-site: msgspec, Pillow, OpenVINO, edgeport-runtime) on top
 of `make arm-setup-parity` (sysroot, CPython 3.11, numpy, MNN, onnxruntime, qemu 10).
@@ -226,14 +226,14 @@ def check_dir(artifact_dir, cpu: str = DEFAULT_CPU, target_names=RUNTIME_TARGETS
 
 
 # ---- instruction counts -----------------------------------------------------------------------------------------
-COUNTED = (("onnxruntime", "model.onnx", "fp32"), ("openvino", "model.onnx", "fp32"), ("mnn", "model.mnn", "fp32"),
-           ("mnn", "model.mnn", "low"))  # (engine, file, precision) counted when the file is in the dir
+COUNTED_TARGETS = ("ort", "openvino", "mnn_fp32", "mnn_low")  # each counted when its file is in the dir
 COUNTED_RUNS = 3
 
 
 def count_dir(artifact_dir, cpu: str = DEFAULT_CPU, cache=None, log=print) -> list[dict]:
-    """Guest instructions of one inference (N(0, 1) input of the model's shape, seed 0) by each engine of COUNTED
-    whose file is in the dir: the smallest total of the counted runs after the first (the first still warms up)."""
+    """Guest instructions of one inference (N(0, 1) input of the model's shape, seed 0) by each target of
+    COUNTED_TARGETS whose file is in the dir: the smallest total of the counted runs after the first (the first
+    still warms up)."""
     from .parity import read_metadata
 
     guest = board(cpu, cache)
@@ -241,7 +241,8 @@ def count_dir(artifact_dir, cpu: str = DEFAULT_CPU, cache=None, log=print) -> li
     meta = read_metadata(d)
     x = np.random.default_rng(0).standard_normal([1, *meta["input_shape"][1:]]).astype(np.float32)
     rows = []
-    for engine, file, precision in COUNTED:
+    for target in map(targets.get, COUNTED_TARGETS):
+        engine, file, precision = target.engine, target.file, target.precision
         if not (d / file).is_file():
             continue
         _, versions, regions = guest_outputs(guest, d / file, x, engine, precision, COUNTED_RUNS)
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                    if t.engine == "openvino"])
     q.add_argument("--json", help="write the rows here")
     c = sub.add_parser("count", help="guest instructions of one inference per engine (needs `make arm-setup`)")
-    c.add_argument("dirs", nargs="+", help="artifact dirs (OUT/MODEL/FORM) with model.onnx and/or model.mnn")
+    c.add_argument("dirs", nargs="+", help="artifact dirs (OUT/MODEL/FORM) of an export")
     c.add_argument("--json", help="write the rows here")
     return p
 
