@@ -68,6 +68,7 @@ docs: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 include benchmarks/arm/arm.mk
+include benchmarks/arm/board.mk
 include benchmarks/debian13/debian13.mk
 include tests/ultralytics/ultralytics.mk
 

@@ -76,6 +76,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+EMULATED_NOTE = ("Emulated devices (qemu-user) time qemu translating the ARM code on its host, without instruction "
+                 "counts: their ms and × fc are **not the ARM CPU's latency** (nor its ratios). They show that every "
+                 "form runs with every engine there; choose on a real board.")
+
+
 def report(boards: list[BoardResults], files: list[str], labels: list[str], plot: str | None) -> str:
     lines = ["# Board results", "", "Timed on each device by `edgeport-bench` (forms interleaved in rounds; "
              "× fc is the median per-round ratio to the fc baseline on that device, same engine and file).", ""]
@@ -86,14 +91,15 @@ def report(boards: list[BoardResults], files: list[str], labels: list[str], plot
                       f"{b.drift.ratio:.3f}" if b.drift else "—", "**yes**" if b.device.emulated else "no",
                       f"`{f}`"] for lab, b, f in zip(labels, boards, files)])
     if any(b.device.emulated for b in boards):
-        lines += ["", "Emulated devices (qemu) time the emulator, not the CPU: their numbers are not latency."]
+        lines += ["", EMULATED_NOTE]
     for model, rows in merged_rows(boards).items():
         lines += ["", f"## {model}: ms (× fc)", ""]
         lines += _table(["form", "file", "engine", "precision", *labels],
                         [[*key[:4], *(_cell(r) for r in results)] for key, results in rows.items()])
     lines += ["", f"## Seed 003 per device: 1x1-conv MLP vs fc in MNN (claimed conv/fc {SEED003_RATIO:.3f})", ""]
     claim = [[lab, c["target"], c["precision"], f"{c['ratio']:.3f} ({c['ratio_p10']:.2f}–{c['ratio_p90']:.2f})",
-              c["verdict"]] for lab, b in zip(labels, boards) for c in claim_rows(b)]
+              c["verdict"] + (" (emulated: not latency)" if b.device.emulated else "")]
+             for lab, b in zip(labels, boards) for c in claim_rows(b)]
     lines += _table(["device", "file", "precision", "conv / fc (p10–p90)", "verdict"], claim) if claim else [
         "No device timed an MNN fc baseline with its conv twin."]
     if plot:
@@ -140,6 +146,9 @@ def plot(boards: list[BoardResults], labels: list[str], path: Path) -> None:
     fig.legend(handles, names, loc="upper center", ncol=min(3, len(labels)), fontsize=8,
                bbox_to_anchor=(0.5, 1.0 + 0.04 / rows))
     fig.tight_layout()
+    if any(b.device.emulated for b in boards):
+        fig.text(0.5, -0.01, "hatched: emulated (qemu-user) — time of the emulator on its host, not the ARM CPU's "
+                 "latency", ha="center", va="top", fontsize=8, style="italic")
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)

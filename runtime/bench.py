@@ -156,11 +156,14 @@ def bundle_entries(root: Path, bundle: Bundle, engines: list[str], precisions) -
         raise EdgeRuntimeError(f"{root / BUNDLE_JSON}: baseline {bundle.baseline!r} is not one of its forms")
     entries = []
     for form in bundle.forms:
+        own = {(f.file, f.engine) for f in form.files.values()}  # files an engine runs under a target of its own
         for target, f in form.files.items():
             for engine in engines_for(f.file, engines):
-                # the target's own precision; another engine (OpenVINO on model.onnx) runs the file as it is
+                # the target's own precision; another engine (OpenVINO on model.onnx) runs the file as it is,
+                # unless the bundle has that engine's own target on it (ort and openvino both name model.onnx)
                 precision = f.precision if engine == f.engine else "fp32"
-                if precision not in precisions or (engine != f.engine and f.precision != "fp32"):
+                if precision not in precisions or (engine != f.engine and (f.precision != "fp32"
+                                                                           or (f.file, engine) in own)):
                     continue
                 entries.append(Entry(form.tag, target, f.file, root / f.file, engine, precision, f.gate,
                                      expected_sha256=f.sha256, outputs=form.outputs, input_shape=form.input_shape,

@@ -8,6 +8,11 @@ Emulation (qemu-user) is detected from what it cannot hide, any one of:
   - the userland's architecture (os.uname/platform.machine, reported by qemu as the guest's) disagrees with
     the ISA /proc/cpuinfo describes (qemu-user passes the host's x86 /proc/cpuinfo through: "flags",
     "vendor_id"), or /proc/cpuinfo is missing on an ARM userland (some qemu versions hide it);
+  - an aarch64 userland whose /proc/cpuinfo has a "model name: ARMv8 Processor ..." line: qemu-user >= 8
+    synthesises a cpuinfo for the emulated CPU (its MIDR, e.g. Cortex-A76) in the 32-bit format, while arm64
+    kernels print "model name" only to 32-bit (compat) processes;
+  - the process's kernel name (/proc/self/comm, which qemu-user does not emulate) is qemu's, e.g. qemu-aarch64
+    (run as `qemu-aarch64 python3 ...`; under binfmt_misc the kernel names it after the guest's program);
   - QEMU_* variables in the environment (QEMU_CPU, QEMU_LD_PREFIX, ... as qemu-user and binfmt wrappers set);
   - "qemu" in /proc/self/maps or in the auxiliary vector's AT_PLATFORM/execfn (older qemu leaks its own maps).
 EDGEPORT_EMULATED=1 forces it (e.g. a VM with a virtual CPU), =0 clears it.
@@ -291,7 +296,7 @@ def fastest_cluster_cpus() -> list[int]:
 
 
 def emulation_evidence(machine: str | None = None, blocks: list[dict[str, str]] | None = None,
-                       environ=None, maps: str | None = None) -> str | None:
+                       environ=None, maps: str | None = None, comm: str | None = None) -> str | None:
     """Why this process looks emulated (see the module docstring), or None."""
     environ = os.environ if environ is None else environ
     forced = environ.get("EDGEPORT_EMULATED")
@@ -307,6 +312,12 @@ def emulation_evidence(machine: str | None = None, blocks: list[dict[str, str]] 
         return f"{machine} userland on a CPU /proc/cpuinfo describes as ARM"
     if arm_userland and not blocks:
         return f"{machine} userland without /proc/cpuinfo (qemu-user hides it)"
+    if machine in ("aarch64", "arm64") and any(b.get("model name", "").startswith("ARMv8 Processor") for b in blocks):
+        return (f"{machine} userland with a 32-bit style /proc/cpuinfo 'model name' (qemu-user synthesises it; "
+                "arm64 kernels print it only to 32-bit processes)")
+    comm = _read("/proc/self/comm", "") if comm is None else comm
+    if comm.startswith("qemu-"):
+        return f"process named {comm.strip()} (/proc/self/comm)"
     qemu_vars = sorted(k for k in environ if k.startswith("QEMU_"))
     if qemu_vars:
         return f"environment has {', '.join(qemu_vars)}"
