@@ -35,7 +35,7 @@ arm-cost: arm-setup
 # cortex-a53, MNN fp16 on neoverse-n1 precision low, model.onnx on cortex-a76 under qemu 10), then the @arm tests.
 ARM_CI_MODELS ?= fasternet_t0 convnext_atto
 .PHONY: arm-ci
-arm-ci: arm-setup-parity
+arm-ci: arm-setup-parity arm-board-setup
 	@for m in $(ARM_CI_MODELS); do $(PY) -m export $$m --out $(OUT) || exit $$?; done
 	$(PY) -m benchmarks.arm.parity --cache $(ARM_CACHE) --quick $(foreach m,$(ARM_CI_MODELS),$(OUT)/$(m)/*/)
-	$(PY) -m pytest -q -m arm tests/test_arm.py
+	$(PY) -m pytest -q -m arm tests/test_arm.py tests/test_arm_board.py

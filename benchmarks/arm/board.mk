@@ -19,7 +19,7 @@ ARM_BENCH_ARGS ?=
 
 .PHONY: arm-board-setup arm-bench arm-board-parity arm-board-count
 
-arm-board-setup: setup
+arm-board-setup: arm-setup-parity
 	bash benchmarks/arm/board_setup.sh $(ARM_CACHE) $(PY)
 
 arm-bench: arm-board-setup
