@@ -88,6 +88,11 @@ EXPECTED = {
 }
 
 
+# What preprocessing and the output checks read: absent is allowed (require_metadata names it), null is not.
+NOT_NULL = ("input_shape", "mean", "std", "crop_pct", "interpolation", "task", "resize", "layout", "pad_value",
+            "num_classes", "output_names")
+
+
 def memory_budget() -> int:
     """Bytes of physical memory (Linux/macOS sysconf); 8 GiB where it cannot be read."""
     try:
@@ -114,6 +119,9 @@ def check_metadata(meta: dict, name: str = "model") -> ArtifactMeta:
             raise _bad(name, field, meta[field], EXPECTED.get(field, f"another value ({path[0]})")) from None
         raise EdgeRuntimeError(f"{name}: metadata is not an edgeport metadata object ({e}); re-export the "
                                "model rather than editing its metadata") from None
+    for field in NOT_NULL:
+        if field in meta and meta[field] is None:
+            raise _bad(name, field, None, EXPECTED[field])
     if parsed.input_shape:
         n, c, h, w = parsed.input_shape
         if n == 0:

@@ -129,9 +129,13 @@ def test_tied_overlapping_boxes_may_trade_places_but_a_real_move_may_not():
 
 # --- CLI on a hand-built ONNX "detector": 3 fixed boxes whose scores are the image's mean brightness ----------
 
-@pytest.fixture(scope="module")
-def detector(tmp_path_factory):
-    boxes = np.array([[[4, 4, 20, 20], [30, 30, 60, 60], [5, 5, 21, 21]]], np.float32)
+TOY_BOXES = ([4, 4, 20, 20], [30, 30, 60, 60], [5, 5, 21, 21])  # the third overlaps the first at IoU 0.78
+
+
+def write_toy_detector(path) -> str:
+    """A SIZE² ONNX detector with 3 fixed anchors (TOY_BOXES) whose 2 class scores are the image's mean brightness
+    times fixed weights: on a white image class 0 at the first box (1.0) and class 1 at the second (0.9)."""
+    boxes = np.array([TOY_BOXES], np.float32)
     weights = np.array([[[1.0, 0.0], [0.0, 0.9], [0.95, 0.0]]], np.float32)  # 2 classes
     nodes = [
         helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=1, axes=[1, 2, 3]),  # [1, 1, 1, 1]
@@ -150,11 +154,16 @@ def detector(tmp_path_factory):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     meta = {"task": "detection", "input_shape": [1, 3, SIZE, SIZE], "mean": [0, 0, 0], "std": [1, 1, 1],
-            "pad_value": 114, "names": ["cat", "dog"], "output_names": ["boxes", "scores"]}
+            "crop_pct": 1.0, "interpolation": "bilinear", "resize": "letterbox", "pad_value": 114,
+            "names": ["cat", "dog"], "output_names": ["boxes", "scores"]}
     helper.set_model_props(model, {"edgeport": json.dumps(meta)})
-    path = tmp_path_factory.mktemp("det") / "toy.onnx"
     onnx.save(model, str(path))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    return write_toy_detector(tmp_path_factory.mktemp("det") / "toy.onnx")
 
 
 @pytest.fixture(scope="module")

@@ -287,6 +287,12 @@ def infer_argv(draw, files, d):
                "--backend": st.sampled_from(["auto", "mnn", "onnxruntime", "tensorrt"]),
                "--bench": st.sampled_from(["0", "2", "-1", "x"]),
                "--labels": st.just(None), "--json": st.just(None)}
+    return with_options(draw, argv, options, d)
+
+
+def with_options(draw, argv: list, options: dict, d) -> list:
+    """`argv` plus up to 4 of `options` ({flag: strategy of its value}; --json is a switch, --labels a generated
+    file)."""
     for option in draw(st.lists(st.sampled_from(sorted(options)), max_size=4, unique=True)):
         if option == "--json":
             argv.append(option)
@@ -311,14 +317,7 @@ def detect_argv(draw, files, d):
                "--save-dir": st.sampled_from([str(d / "out"), str(d / "out" / "deeper"), files["a_file.txt"],
                                               files["a_file.txt"] + "/below", "/dev/null"]),
                "--labels": st.just(None), "--json": st.just(None)}
-    for option in draw(st.lists(st.sampled_from(sorted(options)), max_size=4, unique=True)):
-        if option == "--json":
-            argv.append(option)
-        elif option == "--labels":
-            argv += [option, generated_file(draw, d, ".txt")]
-        else:
-            argv += [option, draw(options[option])]
-    return argv
+    return with_options(draw, argv, options, d)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=FIXTURES_OK)

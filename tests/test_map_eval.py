@@ -7,47 +7,23 @@ import contextlib
 import io
 import json
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from runtime import evaluate, map_eval
+from tests.test_detect import SIZE, TOY_BOXES, write_toy_detector
 
-SIZE = 64
 # The toy detector's anchors (network pixels = image pixels for a SIZE² image) and class scores on a white image:
 # after NMS (IoU 0.7) it finds class 0 at BOX0 (score 1.0) and class 1 at BOX1 (0.9); the third anchor overlaps
 # BOX0 at IoU 0.78 and is suppressed.
-BOX0, BOX1 = [4, 4, 20, 20], [30, 30, 60, 60]
+BOX0, BOX1 = TOY_BOXES[:2]
 
 
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
-    boxes = np.array([[BOX0, BOX1, [5, 5, 21, 21]]], np.float32)
-    weights = np.array([[[1.0, 0.0], [0.0, 0.9], [0.95, 0.0]]], np.float32)
-    nodes = [helper.make_node("ReduceMean", ["images"], ["mean"], keepdims=1, axes=[1, 2, 3]),
-             helper.make_node("Reshape", ["mean", "shape111"], ["m"]),
-             helper.make_node("Mul", ["m", "weights"], ["scores"]),
-             helper.make_node("Identity", ["box_init"], ["boxes"])]
-    graph = helper.make_graph(
-        nodes, "toy_detector", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 3, 4]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 3, 2])],
-        [helper.make_tensor("box_init", TensorProto.FLOAT, boxes.shape, boxes.ravel()),
-         helper.make_tensor("weights", TensorProto.FLOAT, weights.shape, weights.ravel()),
-         helper.make_tensor("shape111", TensorProto.INT64, [3], [1, 1, 1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    meta = {"task": "detection", "input_shape": [1, 3, SIZE, SIZE], "mean": [0, 0, 0], "std": [1, 1, 1],
-            "crop_pct": 1.0, "interpolation": "bilinear", "resize": "letterbox", "pad_value": 114,
-            "names": ["cat", "dog"]}
-    helper.set_model_props(model, {"edgeport": json.dumps(meta)})
-    path = tmp_path_factory.mktemp("det") / "model.onnx"
-    onnx.save(model, str(path))
-    return str(path)
+    return write_toy_detector(tmp_path_factory.mktemp("det") / "model.onnx")
 
 
 def yolo_line(c, box):
