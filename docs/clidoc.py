@@ -32,6 +32,8 @@ COMMANDS = (
     ("python -m benchmarks.devices", "benchmarks.devices", "measurements from several boards side by side"),
     ("python -m benchmarks.arm.parity", "benchmarks.arm.parity", "parity of an export under aarch64 emulation"),
     ("python -m benchmarks.arm.cost", "benchmarks.arm.cost", "aarch64 instruction counts per inference"),
+    ("python -m benchmarks.arm.board", "benchmarks.arm.board", "the board bench, OpenVINO parity and instruction "
+                                                              "counts under aarch64 emulation"),
 )
 
 
