@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "recommended; default: the bundled sample photos, augmented, which is weaker)")
     p.add_argument("--val", metavar="DIR",
                    help="labelled images (ImageFolder: one sub-folder per class, named by class index or sorted): "
-                        "every file's top-1 is measured on them, and an int8 target ships only if it loses at most "
-                        "1.0 point against model.onnx (without it, accuracy is not measured)")
+                        "every file's top-1 is measured on them, the int8 targets' parity gates are judged on them "
+                        "(not on the bundled photos), and an int8 target ships only if it loses at most 1.0 point "
+                        "against model.onnx (without it, accuracy is not measured)")
     p.add_argument("--int8-mnn", default="auto", choices=quantize.MNN_METHODS,
                    help="mnn_int8: MNN's activation-scale method (default auto: " + ", then ".join(
                        quantize.MNN_AUTO_ORDER) + " when the first crashes or misses the gates; the better is kept)")
