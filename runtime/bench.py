@@ -43,6 +43,7 @@ from .device import (
     parse_cpu_list,
     write_results,
 )
+from .documents import check_document, decode_json, read_bytes
 from .engines import ENGINES, stdout_silenced
 from .errors import EdgeRuntimeError
 from .predictor import load
@@ -90,13 +91,9 @@ class Bundle(msgspec.Struct):
 
 def read_bundle(directory: Path) -> Bundle:
     path = directory / BUNDLE_JSON
-    if path.stat().st_size > MAX_BUNDLE_JSON_BYTES:
-        raise EdgeRuntimeError(f"{path}: too large for a bundle description; re-make the bundle")
-    try:
-        bundle = msgspec.json.decode(path.read_bytes(), type=Bundle)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise EdgeRuntimeError(f"{path}: invalid bundle ({' '.join(str(e).split())[:200]}); re-make it with "
-                               "python -m export MODEL --bundle") from None
+    what, fix = f"bundle {path}", "re-make it with python -m export MODEL --bundle"
+    bundle = check_document(decode_json(read_bytes(path, "bundle", MAX_BUNDLE_JSON_BYTES), what, fix), Bundle,
+                            what, fix)
     if (bundle.schema.name, bundle.schema.version) != BUNDLE_SCHEMA:
         raise EdgeRuntimeError(f"{path}: schema {bundle.schema.name} v{bundle.schema.version}; this bench reads "
                                f"{BUNDLE_SCHEMA[0]} v{BUNDLE_SCHEMA[1]}")

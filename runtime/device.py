@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import stat
 import time
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import msgspec
 
 from .atomic import write_atomic
+from .documents import check_document, decode_json, read_bytes
 from .errors import EdgeRuntimeError
 
 SCHEMA_NAME = "edgeport.board-results"
@@ -160,38 +160,17 @@ def write_results(path, results: BoardResults) -> Path:
 
 def read_results(path) -> BoardResults:
     """A results file, validated: EdgeRuntimeError (one line naming the file and the field) on anything else."""
-    path = os.fspath(path)
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise EdgeRuntimeError(f"{path}: cannot read board results ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise EdgeRuntimeError(f"{path}: not a regular file; give the JSON edgeport-bench --json wrote")
-    if st.st_size > MAX_RESULTS_BYTES:
-        raise EdgeRuntimeError(f"{path}: {st.st_size} bytes, too large for board results (limit "
-                               f"{MAX_RESULTS_BYTES >> 20} MB)")
-    with open(path, "rb") as f:
-        data = f.read(MAX_RESULTS_BYTES + 1)
-    try:
-        schema = msgspec.json.decode(data, type=_SchemaOnly).schema
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise EdgeRuntimeError(f"{path}: not edgeport board results ({_field_error(e)}); "
-                               "make it with edgeport-bench --json") from None
+    what, fix = f"board results {os.fspath(path)}", "make it with edgeport-bench --json"
+    raw = decode_json(read_bytes(path, "board results", MAX_RESULTS_BYTES), what, fix)
+    schema = check_document(raw, _SchemaOnly, what, fix).schema  # the version first: its fields may differ
     if schema.name != SCHEMA_NAME or schema.version != SCHEMA_VERSION:
-        raise EdgeRuntimeError(f"{path}: schema {schema.name} v{schema.version}; this edgeport reads "
+        raise EdgeRuntimeError(f"{os.fspath(path)}: schema {schema.name} v{schema.version}; this edgeport reads "
                                f"{SCHEMA_NAME} v{SCHEMA_VERSION} (re-run edgeport-bench of this version)")
-    try:
-        return msgspec.json.decode(data, type=BoardResults)
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise EdgeRuntimeError(f"{path}: invalid board results: {_field_error(e)}") from None
+    return check_document(raw, BoardResults, what, fix)
 
 
 class _SchemaOnly(msgspec.Struct):
     schema: Schema
-
-
-def _field_error(e: Exception) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 # ---- the fingerprint ----------------------------------------------------------------------------------------
