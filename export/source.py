@@ -3,7 +3,6 @@ training-form reference and the inference-form model, deterministically. Export 
 `build_models`, so an artifact directory alone is enough to rebuild and re-check what it was made from."""
 from __future__ import annotations
 
-import hashlib
 import os
 from contextlib import AbstractContextManager, nullcontext
 from importlib import metadata
@@ -15,6 +14,7 @@ from torch import nn
 import models
 from models.errors import EdgeportError
 from models.layers import PartialConv, PointwiseMlp, SqueezeExcite
+from runtime.documents import sha256_file  # noqa: F401 (export's modules import it from here)
 
 FEATURE_NAMES = ("feat_s4", "feat_s8", "feat_s16", "feat_s32")
 
@@ -26,12 +26,6 @@ def edgeport_version() -> str:
         return "0+unknown"
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_source(model: str, weights=None, img_size: int | None = None, batch: int = 1,

@@ -43,7 +43,7 @@ from .device import (
     parse_cpu_list,
     write_results,
 )
-from .documents import check_document, decode_json, read_bytes
+from .documents import check_document, decode_json, read_bytes, sha256_file
 from .engines import ENGINES, stdout_silenced
 from .errors import EdgeRuntimeError
 from .predictor import load
@@ -233,16 +233,6 @@ def _extract(tarball: Path, scratch: Path) -> Path:
 
 
 # ---- load, check, time -----------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def rss_mb() -> float:
     try:
         with open("/proc/self/statm") as f:
@@ -271,7 +261,7 @@ def check_outputs(entry: Entry, outputs: dict, expected: dict) -> None:
 def prepare(entry: Entry, threads: int, expected: dict | None) -> dict:
     """Check the file's sha256, load it, run it once and check the outputs; set entry.run. Returns the outputs
     (the reference shapes for plain files). Raises EdgeRuntimeError naming what is wrong."""
-    entry.sha256 = sha256_of(entry.path) if entry.path.is_file() else ""
+    entry.sha256 = sha256_file(entry.path) if entry.path.is_file() else ""
     if not entry.sha256:
         raise EdgeRuntimeError("missing from the bundle")
     if entry.expected_sha256 and entry.sha256 != entry.expected_sha256:

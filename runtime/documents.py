@@ -8,6 +8,7 @@ cleanly, turned into one line here). Torch-free, like the rest of runtime/, so e
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 
@@ -85,3 +86,12 @@ def decode_json(data, what: str, fix: str = "", error: type[Exception] = EdgeRun
         raise error(f"{what}: not JSON ({str(e).split(' - ')[0]}){suffix}") from None
     except RecursionError:
         raise error(f"{what}: nested too deeply to be a real document{suffix}") from None
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in chunks (what manifests and bundles record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

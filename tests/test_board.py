@@ -35,7 +35,7 @@ def make_bundle(root: Path, dirs: list[str]) -> Path:
     for d in map(Path, dirs):
         predictor = load(d / "model.onnx")
         outputs = predictor.run(np.zeros(predictor.input_shape, np.float32))
-        files = {t: bench.BundleFile(file=f"{d.name}/{f}", sha256=bench.sha256_of(d / f), engine=e, precision=p,
+        files = {t: bench.BundleFile(file=f"{d.name}/{f}", sha256=bench.sha256_file(d / f), engine=e, precision=p,
                                      gate="passed") for t, (f, e, p) in TARGETS.items()}
         pconv, mlp = d.name.split("-")
         forms.append(bench.BundleForm(tag=d.name, pconv=pconv, mlp=mlp, status="passed",
