@@ -44,7 +44,7 @@ from .device import (
     write_results,
 )
 from .documents import check_document, decode_json, read_bytes, sha256_file
-from .engines import ENGINES, stdout_silenced
+from .engines import ENGINES
 from .errors import EdgeRuntimeError
 from .predictor import load
 
@@ -247,15 +247,14 @@ def peak_rss_mb() -> float:
 
 
 def check_outputs(entry: Entry, outputs: dict, expected: dict) -> None:
-    """EdgeRuntimeError unless `outputs` has the expected names and shapes and only finite values."""
+    """EdgeRuntimeError unless `outputs` has the expected names and shapes (the host's run of the same form;
+    non-finite values are refused by Predictor.run itself)."""
     if set(outputs) != set(expected):
         raise EdgeRuntimeError(f"outputs {sorted(outputs)}, expected {sorted(expected)}")
     for name, shape in expected.items():
         y = outputs[name]
         if list(y.shape) != list(shape):
             raise EdgeRuntimeError(f"output '{name}' has shape {list(y.shape)}, expected {list(shape)}")
-        if y.dtype.kind == "f" and not np.abs(y).max() < np.finfo(y.dtype).max:
-            raise EdgeRuntimeError(f"output '{name}' has NaN/Inf (or saturated) values")
 
 
 def prepare(entry: Entry, threads: int, expected: dict | None) -> dict:
@@ -268,15 +267,14 @@ def prepare(entry: Entry, threads: int, expected: dict | None) -> dict:
         raise EdgeRuntimeError("sha256 differs from the bundle's (corrupted or replaced); copy the bundle again")
     rss = rss_mb()
     t = time.perf_counter()
-    with stdout_silenced():  # MNN prints "use low precision" when its runtime is made
-        predictor = load(entry.path, backend=entry.engine, threads=threads, precision=entry.precision)
+    predictor = load(entry.path, backend=entry.engine, threads=threads, precision=entry.precision)
     entry.load_ms = (time.perf_counter() - t) * 1e3
     shape = entry.input_shape or predictor.input_shape
     if not shape:
         raise EdgeRuntimeError("input shape unknown (no edgeport metadata); cannot make an input")
     x = np.random.default_rng(0).standard_normal([d if d > 0 else 1 for d in shape], dtype=np.float32)
     t = time.perf_counter()
-    outputs = predictor.run(x, check_finite=False)
+    outputs = predictor.run(x)  # the first run is checked (finite, shapes); the timed ones are not
     entry.first_ms = (time.perf_counter() - t) * 1e3
     entry.rss_load_mb = rss_mb() - rss
     expected = entry.outputs or expected or {n: list(y.shape) for n, y in outputs.items()}
