@@ -23,7 +23,6 @@ from runtime import load
 from runtime.atomic import umask, write_atomic
 from runtime.bench import BUNDLE_JSON, BUNDLE_SCHEMA, Bundle, BundleFile, BundleForm
 from runtime.device import Schema, fingerprint, now
-from runtime.engines import stdout_silenced
 
 from . import targets
 from ._console import make_console
@@ -67,8 +66,7 @@ def output_shapes(directory: Path, manifest: dict) -> dict[str, list[int]]:
     """{output: shape} from running the export's first file once on zeros (the bench checks every file against
     it on the board)."""
     name = next(targets.get(t).file for t in manifest["export"]["targets"])
-    with stdout_silenced():
-        predictor = load(directory / name)
+    predictor = load(directory / name)
     import numpy as np
 
     shape = [d if d > 0 else 1 for d in predictor.input_shape]

@@ -110,9 +110,8 @@ def _runtime_outputs(path: Path, backend: str, precision: str, x: np.ndarray, na
     """Run an artifact through the torch-free runtime, in batches of its fixed batch size (padded)."""
     import runtime
 
-    with stdout_silenced():  # MNN prints "MNN use low precision" from C
-        predictor = runtime.load(path, backend=backend, threads=1, precision=precision,
-                                 winograd=RUNTIME_WINOGRAD)
+    predictor = runtime.load(path, backend=backend, threads=1, precision=precision,  # MNN's load is silenced
+                             winograd=RUNTIME_WINOGRAD)
     shape = predictor.meta.get("input_shape") or predictor.input_shape or [-1]
     batch = shape[0] if shape[0] > 0 else 4
     parts = []
@@ -572,8 +571,7 @@ def embedded_metadata(path: Path, target: targets.Target) -> dict:
     from runtime.errors import EdgeRuntimeError
 
     try:
-        with stdout_silenced():
-            return runtime.load(path, backend=target.engine).meta
+        return runtime.load(path, backend=target.engine).meta
     except EdgeRuntimeError as e:
         raise EdgeportError(str(e)) from None
 

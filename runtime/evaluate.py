@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cli import IMAGE_EXTENSIONS, OneLineParser, cli_main, int_in
-from .engines import stdout_silenced
 from .errors import EdgeRuntimeError
 from .images import load_image
 from .preprocess import preprocess
@@ -242,8 +241,7 @@ def evaluate_classifier(model_path: str, data: ImageFolder, cache: InputCache | 
 
     cache = cache or InputCache()
     mnn = model_path.lower().endswith(".mnn")  # "low" is MNN's; onnxruntime runs a file as exported
-    with stdout_silenced():  # MNN prints "MNN use low precision" when it makes a low-precision runtime
-        predictor = load(model_path, threads=threads, precision=precision if mnn else "fp32")
+    predictor = load(model_path, threads=threads, precision=precision if mnn else "fp32")  # MNN's load is silenced
     predictor.require_metadata()
     task = predictor.meta.get("task", "classification")
     if task != "classification":
