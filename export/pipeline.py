@@ -170,7 +170,7 @@ def _check_options(opts: ExportOptions) -> None:
         chosen = opts.targets or targets.default_targets(task, trained=opts.weights is not None)
         if not any(targets.get(t).compute == "int8" for t in chosen):
             raise EdgeportError("--calib is only used by int8 targets; add --targets ...,ort_int8,mnn_int8 or drop it")
-        image_files(opts.calib)  # a missing, empty or image-free directory fails here, before any work
+        calib_files = image_files(opts.calib)  # a missing, empty or image-free directory fails here, before any work
     if opts.val is not None:
         import models
 
@@ -180,7 +180,7 @@ def _check_options(opts: ExportOptions) -> None:
         if opts.calib is not None:  # the int8 gates are judged on --val: they must be images never calibrated on
             from .calibration import image_files
 
-            shared = {os.path.realpath(f) for f in image_files(opts.calib)} & {
+            shared = {os.path.realpath(f) for f in calib_files} & {
                 os.path.realpath(f) for f in image_files(opts.val, "--val")}
             if shared:
                 raise EdgeportError(f"--calib and --val share {len(shared)} image(s) (e.g. {sorted(shared)[0]}); int8 "
