@@ -372,11 +372,7 @@ def run_parity(artifact_dir: Path, reference, inference, meta: dict, gates: dict
     }
     result["markdown"] = to_markdown(result)
     if write:
-        try:
-            write_json(artifact_dir / "parity.json", {k: v for k, v in result.items() if k != "markdown"})
-        except OSError as e:
-            raise EdgeportError(f"cannot write {artifact_dir / 'parity.json'}: {e.strerror or e}; make the "
-                                "directory writable or run without --write") from None
+        write_parity_json(artifact_dir, result, fix="make the directory writable or run without --write")
     return result
 
 
@@ -585,7 +581,10 @@ def metadata_disagreements(directory: Path, manifest: dict, meta: dict, target_n
     diff = _first_difference(recorded, meta, skip=("edgeport_version",))
     if diff:
         lines.append(f"manifest.json metadata disagrees with the source checkpoint's: {diff}")
+    by_file = {}  # one load per file (mnn_low runs model.mnn too): the first target that names it, its producer
     for target in targets.select(target_names):
+        by_file.setdefault(target.file, target)
+    for target in by_file.values():
         path = directory / target.file
         if not path.is_file():
             continue  # run_parity reports the missing file
@@ -616,16 +615,17 @@ def _load_gates(text: str | None) -> dict | None:
     return gates
 
 
-def write_parity_json(directory: Path, result: dict) -> None:
-    """parity.json (atomically); an environment failure is one line naming the file."""
+def write_parity_json(directory: Path, result: dict, fix: str = "run without --write") -> None:
+    """parity.json (atomically); an environment failure, or any other refusal to write, is one line naming the
+    file and `fix`."""
     from .install import environment_failure
 
     path = directory / "parity.json"
     try:
         write_json(path, {k: v for k, v in result.items() if k != "markdown"})
     except OSError as e:
-        why = environment_failure(e, f"writing {path}", elsewhere="run without --write")
-        raise EdgeportError(why or f"cannot write {path}: {e.strerror or e}; run without --write") from None
+        why = environment_failure(e, f"writing {path}", elsewhere=fix)
+        raise EdgeportError(why or f"cannot write {path}: {e.strerror or e}; {fix}") from None
 
 
 def main(argv=None) -> int:
