@@ -72,7 +72,10 @@ def _raw(ref: dict, out: dict):
 def raw_errors(ref: dict, out: dict) -> dict:
     """Per-anchor errors before NMS: box_px (max |Δ| of box coordinates over anchors whose reference scores reach
     BOX_SCORE_FLOOR), box_px_all (every anchor), score (max |Δ| of scores); NaN counts as infinitely wrong."""
-    rb, rs, ob, os_ = _raw(ref, out)
+    return _raw_errors(*_raw(ref, out))
+
+
+def _raw_errors(rb, rs, ob, os_) -> dict:
     box_err = np.abs(np.nan_to_num(ob, nan=np.inf) - rb).max(-1)  # [N, A]
     scored = rs.max(-1) >= BOX_SCORE_FLOOR
     return {"box_px": float(box_err[scored].max()) if scored.any() else 0.0,
@@ -145,7 +148,7 @@ def compare_detections(ref: dict, out: dict, meta: dict | None = None, score_mar
     max_det = int(settings.get("max_det", DEFAULT_MAX_DET))
     rb, rs, ob, os_ = _raw(ref, out)
     finite = bool(np.isfinite(ob).all() and np.isfinite(os_).all())
-    m = {**raw_errors(ref, out), "detections_ref": 0, "detections_out": 0, "matched": 0, "judged": 0,
+    m = {**_raw_errors(rb, rs, ob, os_), "detections_ref": 0, "detections_out": 0, "matched": 0, "judged": 0,
          "unmatched": 0, "borderline": 0, "swapped": 0, "class_mismatch": 0, "min_iou": 1.0,
          "nan_inf": 0 if finite else 1, "nms": {"conf": conf, "iou": iou, "max_det": max_det},
          "score_margin": margin}
