@@ -5,29 +5,17 @@ import os
 import platform
 import time
 
-from runtime.device import ISA_FLAGS
+from runtime.device import cpuinfo_blocks, isa_flags
 from runtime.timing import interleaved, summarize
 
-__all__ = ["interleaved", "summarize", "host_info", "load_average", "SIMD_FLAGS"]
-
-
-SIMD_FLAGS = ISA_FLAGS
+__all__ = ["interleaved", "summarize", "host_info", "load_average"]
 
 
 def host_info() -> dict:
-    cpu, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and not cpu:
-                    cpu = value.strip()
-                elif key.strip() in ("flags", "Features"):
-                    flags.update(value.split())
-    except OSError:
-        pass
+    blocks = cpuinfo_blocks()  # the board bench's reading of /proc/cpuinfo, so both name a CPU the same way
+    cpu = next((b["model name"] for b in blocks if b.get("model name")), "")
     return {"host": platform.node(), "machine": platform.machine(), "cpu": cpu or platform.processor(),
-            "cpus": os.cpu_count(), "simd": [f for f in SIMD_FLAGS if f in flags],
+            "cpus": os.cpu_count(), "simd": isa_flags(blocks),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
