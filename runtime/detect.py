@@ -10,15 +10,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
+import io
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .atomic import write_atomic
 from .cli import OneLineParser, cli_main, expand_images, for_each_image, int_in, read_labels
 from .errors import EdgeRuntimeError
 from .images import load_image
@@ -148,19 +148,13 @@ def draw(img: Image.Image, detections: list[dict]) -> Image.Image:
 
 
 def save_png(img: Image.Image, path: str) -> None:
-    """Write atomically: a temp file in the same directory, then rename."""
-    tmp = None
+    """Write atomically (runtime.atomic: a temp file beside it, then rename; nothing left behind on failure)."""
+    png = io.BytesIO()
+    img.save(png, format="PNG")
     try:
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".png.tmp", dir=directory)
-        os.close(fd)
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, png.getvalue())
     except OSError as e:
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         raise EdgeRuntimeError(f"{path}: cannot write the drawing ({e.strerror or e})") from None
 
 
