@@ -581,7 +581,7 @@ def metadata_disagreements(directory: Path, manifest: dict, meta: dict, target_n
     diff = _first_difference(recorded, meta, skip=("edgeport_version",))
     if diff:
         lines.append(f"manifest.json metadata disagrees with the source checkpoint's: {diff}")
-    by_file = {}  # one load per file (mnn_low runs model.mnn too): the first target that names it, its producer
+    by_file = {}  # one load per file (a precision-low target runs its fp32 twin's file): the first, its producer
     for target in targets.select(target_names):
         by_file.setdefault(target.file, target)
     for target in by_file.values():
